@@ -1,0 +1,266 @@
+"""The command line: a thin layer over the Python API.
+
+    onnxcompress optimize IN.onnx -o OUT.onnx -p PIPELINE | --preset NAME [debugging flags]
+    onnxcompress inspect MODEL.onnx [--json]
+    onnxcompress compare A.onnx B.onnx --calib DATA [--per-node]
+    onnxcompress list-passes [--json]
+
+Errors print one line, ``onnxcompress: error: ...``, and exit non-zero; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+from onnxcompress import registry
+from onnxcompress.errors import OnnxCompressError
+from onnxcompress.options import describe_options
+
+log = logging.getLogger("onnxcompress")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except OnnxCompressError as exc:
+        print(f"onnxcompress: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxcompress: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # onnxruntime or onnx refusing a model: one line, not a traceback
+        if args.verbose:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"onnxcompress: error: {type(exc).__name__}: {first} (rerun with -v for details)", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnxcompress", description="Compiler-style compression passes for ONNX models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the passes do; show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    opt = sub.add_parser("optimize", help="run a pipeline of passes on a model")
+    opt.add_argument("input", nargs="?", help="the ONNX model (never modified)")
+    opt.add_argument("-o", "--output", help="where to write the optimized model")
+    what = opt.add_mutually_exclusive_group()
+    what.add_argument("-p", "--pipeline", help="pipeline string, e.g. 'fold-batchnorm,cleanup'")
+    what.add_argument("--preset", help=f"named pipeline: {', '.join(registry.PRESETS)}")
+    opt.add_argument("--print-pipeline", action="store_true", help="print the expanded, ordered pipeline and exit")
+    _add_calibration_args(opt)
+    opt.add_argument("--drift-budget", help="e.g. 'sqnr=30', 'top1=0.99', 'sqnr=25,cosine=0.999'")
+    opt.add_argument("--on-drift", choices=("rollback", "fail"), default="rollback", help="what to do with a pass over budget")
+    opt.add_argument("--localize-drift", action="store_true", help="name the first tensor that drifted over budget")
+    opt.add_argument("--reference", help="measure drift against this model instead of the input")
+    opt.add_argument("--report", help="JSON report path (default: OUTPUT with .report.json)")
+    opt.add_argument("--print-after-change", metavar="DIR", help="write NNN_<pass>.onnx after each pass that changed the model")
+    opt.add_argument("--bisect-limit", type=int, metavar="N", help="run only the first N skippable passes")
+    opt.add_argument("--reproducer-dir", metavar="DIR", help="where to write a reproducer if a pass fails (default: beside the output)")
+    opt.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data")
+    opt.add_argument("--no-verify", action="store_true", help="skip the onnx checker after each pass")
+    opt.set_defaults(func=_optimize)
+
+    ins = sub.add_parser("inspect", help="parameters, bytes, MACs per node, and what each pass could do")
+    ins.add_argument("model")
+    ins.add_argument("--json", action="store_true")
+    ins.add_argument("--top", type=int, default=25, help="rows of the per-node table (0: all)")
+    ins.set_defaults(func=_inspect)
+
+    cmp_ = sub.add_parser("compare", help="output drift between two models on the same feeds")
+    cmp_.add_argument("a")
+    cmp_.add_argument("b")
+    _add_calibration_args(cmp_)
+    cmp_.add_argument("--per-node", action="store_true", help="also rank the intermediate tensors both models compute")
+    cmp_.add_argument("--top", type=int, default=20)
+    cmp_.add_argument("--json", action="store_true")
+    cmp_.set_defaults(func=_compare)
+
+    lst = sub.add_parser("list-passes", help="the passes, their options and the presets")
+    lst.add_argument("--json", action="store_true")
+    lst.add_argument("--markdown", action="store_true", help="the README's table of passes")
+    lst.set_defaults(func=_list_passes)
+    return parser
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", metavar="FILE_OR_DIR", help=".npz file or folder of them, arrays named by model input")
+    p.add_argument("--calib-limit", type=int, metavar="N", help="use at most N feeds")
+    p.add_argument("--random-calib", type=int, metavar="N", help="use N random feeds (only when no real data exists)")
+
+
+def _optimize(args) -> int:
+    from onnxcompress.api import compress
+    from onnxcompress.errors import PipelineError
+    from onnxcompress.instruments import Bisect, Dump
+    from onnxcompress.pipeline import Pipeline
+
+    text = args.pipeline if args.pipeline is not None else (args.preset or "default")
+    if args.preset and args.preset not in registry.PRESETS:
+        raise PipelineError(f"unknown preset '{args.preset}'; presets: {', '.join(registry.PRESETS)}")
+    pipeline = Pipeline.parse(text)
+    if args.print_pipeline:
+        print(pipeline)
+        return 0
+    if not args.input or not args.output:
+        raise OnnxCompressError("optimize needs an input model and -o OUTPUT")
+    output = Path(args.output)
+    if Path(args.input).resolve() == output.resolve():
+        raise OnnxCompressError("the output must not be the input file: the input is never modified")
+    instruments = []
+    bisect = None
+    if args.bisect_limit is not None:
+        if args.bisect_limit < 0:
+            raise OnnxCompressError("--bisect-limit must be >= 0")
+        bisect = Bisect(args.bisect_limit)
+        instruments.append(bisect)
+    if args.print_after_change:
+        instruments.append(Dump(args.print_after_change))
+    result = compress(
+        args.input,
+        pipeline,
+        calibration=args.calib,
+        random_calibration=args.random_calib,
+        calibration_limit=args.calib_limit,
+        drift=args.drift_budget,
+        on_drift=args.on_drift,
+        localize_drift=args.localize_drift,
+        reference=args.reference,
+        instruments=instruments,
+        reproducer_dir=args.reproducer_dir or output.resolve().parent,
+        verify=not args.no_verify,
+    )
+    if bisect is not None:
+        print("\n".join(bisect.log))
+    report_path = Path(args.report) if args.report else output.with_name(output.stem + ".report.json")
+    result.save(output, report=report_path, external_data=True if args.external_data else None)
+    print(result.report.table())
+    print(f"wrote {output} and {report_path}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from onnxcompress.analysis.cost import compute_cost
+    from onnxcompress.modelio import load_model
+
+    model = load_model(args.model)
+    cost = compute_cost(model)
+    candidates = []
+    for cls in registry.all_passes():
+        candidates += cls().candidates(model)
+    if args.json:
+        data = cost.to_dict()
+        data["candidates"] = [c.__dict__ for c in candidates]
+        print(json.dumps(data, indent=2))
+        return 0
+    nodes = sorted(cost.nodes, key=lambda n: (n.macs, n.params), reverse=True)
+    nodes = [n for n in nodes if n.params or n.macs]
+    shown = nodes if args.top == 0 else nodes[: args.top]
+    rows = [("node", "op", "params", "bytes", "MACs")]
+    rows += [(n.node, n.op_type, f"{n.params:,}", f"{n.bytes:,}", f"{n.macs:,}") for n in shown]
+    print(_table(rows))
+    if len(shown) < len(nodes):
+        print(f"... {len(nodes) - len(shown)} more nodes with parameters or MACs (--top 0 shows all)")
+    print(f"\ntotal: {cost.params:,} parameters, {cost.bytes:,} bytes, {cost.macs:,} MACs (batch 1)")
+    if cost.unknown_shape_nodes:
+        print(f"MACs unknown (shapes not inferred) for {len(cost.unknown_shape_nodes)} nodes")
+    print("\nops: " + ", ".join(f"{op} {n}" for op, n in sorted(cost.op_histogram.items(), key=lambda kv: -kv[1])))
+    by_pass = Counter(c.pass_name for c in candidates)
+    print("\ncandidates:")
+    if not candidates:
+        print("  none of the registered passes would rewrite this model")
+    for name, count in sorted(by_pass.items()):
+        examples = [c for c in candidates if c.pass_name == name][:3]
+        print(f"  {name}: {count} ({'; '.join(f'{c.node}: {c.what}' for c in examples)}{'; ...' if count > 3 else ''})")
+    return 0
+
+
+def _compare(args) -> int:
+    from onnxcompress import calibration as calib
+    from onnxcompress.compare import compare_outputs, per_tensor_drift, rank_by_drift
+    from onnxcompress.errors import CalibrationError
+    from onnxcompress.metrics import format_db
+    from onnxcompress.modelio import load_model
+
+    a, b = load_model(args.a), load_model(args.b)
+    if args.calib:
+        feeds = calib.load_calibration(args.calib, a, args.calib_limit)
+        calib.load_calibration(feeds, b)  # the second model must accept the same feeds
+    elif args.random_calib:
+        feeds = calib.random_feeds(a, args.random_calib)
+    else:
+        raise CalibrationError("compare needs feeds: --calib FILE_OR_DIR, or --random-calib N")
+    drifts = compare_outputs(a, b, feeds)
+    ranked = rank_by_drift(per_tensor_drift(a, b, feeds)) if args.per_node else []
+    if args.json:
+        data = {"outputs": {k: d.to_dict() for k, d in drifts.items()}}
+        if args.per_node:
+            data["tensors"] = [{"name": t.name, "op": t.producer, **t.drift.to_dict()} for t in ranked]
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = [("output", "SQNR", "max-abs", "cosine", "top-1 agreement")]
+    for name, d in drifts.items():
+        rows.append((name, format_db(d.sqnr_db), f"{d.max_abs:.3g}", f"{d.cosine:.6f}", "-" if d.top1 is None else f"{d.top1:.4f}"))
+    print(_table(rows))
+    if args.per_node:
+        print(f"\nintermediate tensors in both models, worst first ({len(ranked)} compared):")
+        rows = [("tensor", "op", "SQNR", "max-abs", "cosine")]
+        for t in ranked[: args.top or None]:
+            rows.append((t.name, t.producer, format_db(t.drift.sqnr_db), f"{t.drift.max_abs:.3g}", f"{t.drift.cosine:.6f}"))
+        print(_table(rows))
+    return 0
+
+
+def _list_passes(args) -> int:
+    passes = registry.all_passes()
+    if args.json:
+        data = {
+            "passes": [
+                {"name": c.name, "summary": c.summary(), "requires": list(c.prerequisites), "lossless": c.lossless,
+                 "options": [dict(zip(("name", "type", "default", "help"), o)) for o in describe_options(c.Options)]}
+                for c in passes
+            ],
+            "presets": {k: v[0] for k, v in registry.PRESETS.items()},
+        }
+        print(json.dumps(data, indent=2))
+        return 0
+    if args.markdown:
+        print(passes_markdown())
+        return 0
+    for cls in passes:
+        needs = f" (after {', '.join(cls.prerequisites)})" if cls.prerequisites else ""
+        print(f"{cls.name}: {cls.summary()}{needs}")
+        for name, kind, default, help_ in describe_options(cls.Options):
+            print(f"    {name}={default}  [{kind}]  {help_}")
+    print("\npresets:")
+    for name, (text, about) in registry.PRESETS.items():
+        print(f"  {name}: {about}\n      {text}")
+    return 0
+
+
+def passes_markdown() -> str:
+    """The README's table of passes, generated from the registry."""
+    lines = ["| pass | what it does | options (default) | runs after |", "|---|---|---|---|"]
+    for cls in registry.all_passes():
+        opts = "<br>".join(f"`{n}={d}`: {h}" for n, _, d, h in describe_options(cls.Options)) or "none"
+        lines.append(f"| `{cls.name}` | {cls.summary()} | {opts} | {', '.join(cls.prerequisites) or '-'} |")
+    return "\n".join(lines)
+
+
+def _table(rows) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

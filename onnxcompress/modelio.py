@@ -1,0 +1,182 @@
+"""Loading and saving models safely.
+
+Loading checks what onnx and onnxruntime would otherwise report as a traceback, or not at all:
+a file that is not ONNX, external data that is missing or points outside the model's folder
+(directly or through a symbolic link), a node input that nothing produces, a cycle.
+Saving writes to a temporary file beside the target and renames it into place, so a
+failed save leaves nothing half-written; models over 2 GB get external data.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import networkx as nx
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from onnxcompress.errors import ModelLoadError, UnsafeExternalData
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Initializer bytes above which a model is saved with external data.
+EXTERNAL_DATA_THRESHOLD = 1_900_000_000
+
+
+def load_model(source) -> ir.Model:
+    """An onnx_ir model from a path, an ``onnx.ModelProto`` or an ``ir.Model``.
+
+    The source is never modified: a ModelProto is deserialized into a new IR, an ir.Model is
+    cloned (tensors are shared, and passes never modify a tensor in place).
+    """
+    if isinstance(source, ir.Model):
+        model = source.clone()
+    elif isinstance(source, onnx.ModelProto):
+        model = ir.serde.deserialize_model(source)
+    elif isinstance(source, (str, os.PathLike)):
+        model = _load_path(Path(source))
+    else:
+        raise ModelLoadError(
+            f"cannot load a model from {type(source).__name__}: give a path, an onnx.ModelProto or an onnx_ir.Model"
+        )
+    check_structure(model)
+    return model
+
+
+def _load_path(path: Path) -> ir.Model:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a folder, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: empty file, not an ONNX model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not a valid ONNX model (truncated or another format): {_first_line(exc)}") from None
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        raise ModelLoadError(f"{path}: not a valid ONNX model (no graph)")
+    _check_external_data(proto, path.parent)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    return model
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_tensors(g)
+
+
+def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
+    base_real = base.resolve()
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        if not location:
+            raise ModelLoadError(f"tensor '{tensor.name}': external data without a location")
+        if os.path.isabs(location):
+            raise UnsafeExternalData(
+                f"tensor '{tensor.name}': external data path '{location}' is absolute; refusing (it must lie in the model's folder)"
+            )
+        target = (base / location).resolve()
+        if base_real != target and base_real not in target.parents:
+            raise UnsafeExternalData(
+                f"tensor '{tensor.name}': external data path '{location}' leads outside the model's folder; refusing"
+            )
+        if not target.is_file():
+            raise ModelLoadError(f"tensor '{tensor.name}': external data file '{location}' is missing")
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", 0)) if "length" in info else None
+        size = target.stat().st_size
+        if offset + (length or 0) > size:
+            raise ModelLoadError(
+                f"tensor '{tensor.name}': external data file '{location}' is too short ({size} bytes)"
+            )
+
+
+def check_structure(model: ir.Model) -> None:
+    """Every node input is produced by something; the node graph has no cycle."""
+    _check_graph(model.graph, outer=set())
+
+
+def _check_graph(graph: ir.Graph, outer: set) -> None:
+    defined = set(outer) | set(graph.inputs) | set(graph.initializers.values())
+    deps = nx.DiGraph()
+    for node in graph:
+        deps.add_node(node)
+        for value in node.inputs:
+            if value is None:
+                continue
+            producer = value.producer()
+            if producer is not None and producer.graph is graph:
+                deps.add_edge(producer, node)
+            elif producer is None and value not in defined and not value.is_initializer():
+                raise ModelLoadError(
+                    f"node '{node.name or node.op_type}' ({node.op_type}) reads '{value.name}', which no node, input or initializer produces"
+                )
+    try:
+        cycle = nx.find_cycle(deps)
+        names = [a.name or a.op_type for a, _ in cycle]
+        raise ModelLoadError("graph has a cycle through nodes " + " -> ".join(names + names[:1]))
+    except nx.NetworkXNoCycle:
+        pass
+    visible = defined | {out for node in graph for out in node.outputs}
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                _check_graph(attr.value, visible)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.value:
+                    _check_graph(sub, visible)
+    for out in graph.outputs:
+        if out.producer() is None and out not in defined and not out.is_initializer():
+            raise ModelLoadError(f"graph output '{out.name}' is produced by nothing")
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_model(model: ir.Model, path, *, external_data: str | bool | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically (temporary file, then rename).
+
+    ``external_data``: a file name (relative to the model) for the weights, True for
+    ``<name>.data``, or None to use external data only when the model is over 2 GB.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None and initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        external_data = True
+    if external_data is True:
+        external_data = path.name + ".data"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if external_data:
+            # onnx_ir writes the data file atomically itself; the graph goes via the temp name.
+            ir.save(model, tmp, external_data=external_data)
+        else:
+            ir.save(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

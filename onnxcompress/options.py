@@ -1,0 +1,118 @@
+"""Pass options: frozen dataclasses that parse from and print to pipeline text.
+
+Every field has a default and a help text (``field(default=..., metadata={"help": ...})``
+via :func:`option`). Values are validated in ``__post_init__`` of the subclass.
+``format_options`` prints only the fields that differ from their defaults, in
+declaration order, so that ``parse(format(x)) == x`` and printing is canonical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from typing import Any, ClassVar, Literal, get_args, get_origin
+
+from onnxcompress.errors import OptionError
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with a default value and a help text."""
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassOptions:
+    """Base class of every pass's ``Options``. Has no fields itself."""
+
+    pass_name: ClassVar[str] = "?"
+
+    def fail(self, option_name: str, message: str) -> typing.NoReturn:
+        raise OptionError(f"{self.pass_name}: option '{option_name}' {message}")
+
+
+def _field_types(cls: type[PassOptions]) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(pass_name: str, name: str, text: str, annotation: Any) -> Any:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        choices = get_args(annotation)
+        if text not in choices:
+            raise OptionError(
+                f"{pass_name}: option '{name}' must be one of {'|'.join(choices)}, got '{text}'"
+            )
+        return text
+    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if text in ("none", "None", ""):
+            return None
+        return _convert(pass_name, name, text, args[0])
+    try:
+        if annotation is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            value = float(text)
+            if value != value:  # NaN
+                raise ValueError
+            return value
+        if annotation is str:
+            return text
+    except ValueError:
+        kind = {bool: "true or false", int: "an integer", float: "a number"}[annotation]
+        raise OptionError(f"{pass_name}: option '{name}' must be {kind}, got '{text}'") from None
+    raise TypeError(f"unsupported option type {annotation!r} for {pass_name}.{name}")
+
+
+def parse_options(cls: type[PassOptions], values: dict[str, str]) -> PassOptions:
+    """Build ``cls`` from option text; unknown names and bad values raise OptionError."""
+    types = _field_types(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, text in values.items():
+        if name not in types or name not in known:
+            hint = f"; known options: {', '.join(known)}" if known else "; it takes no options"
+            raise OptionError(f"{cls.pass_name}: unknown option '{name}'{hint}")
+        kwargs[name] = _convert(cls.pass_name, name, text, types[name])
+    return cls(**kwargs)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def non_default_items(opts: PassOptions) -> list[tuple[str, str]]:
+    items = []
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        if value != f.default:
+            items.append((f.name, format_value(value)))
+    return items
+
+
+def describe_options(cls: type[PassOptions]) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, help) for each option, for list-passes and the README."""
+    types = _field_types(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        annotation = types[f.name]
+        if get_origin(annotation) is Literal:
+            kind = "|".join(get_args(annotation))
+        else:
+            kind = re.sub(r"<class '(\w+)'>", r"\1", str(annotation)).replace("typing.", "")
+        rows.append((f.name, kind, format_value(f.default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,50 @@
+"""The registry of passes by name, and of named presets (pipeline strings)."""
+
+from __future__ import annotations
+
+from onnxcompress.errors import PipelineError
+
+_PASSES: dict[str, type] = {}
+
+# Presets expand to pipeline strings. Later issues add more (int8, max-compression, ...).
+PRESETS: dict[str, tuple[str, str]] = {
+    "default": (
+        "lift-constants,fold-constants,fold-batchnorm,cleanup,infer-shapes",
+        "lossless normalisation: lift Constant weights, fold constants and BatchNorm, clean up",
+    ),
+    "fast": ("lift-constants,cleanup", "only lift Constant-node weights and remove dead nodes"),
+}
+
+
+def register(cls):
+    """Class decorator: make a pass available under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    existing = _PASSES.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"pass name '{cls.name}' is taken by {existing.__name__}")
+    _PASSES[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    import onnxcompress.passes  # noqa: F401  (each module registers its pass)
+
+
+def get_pass(name: str) -> type:
+    _load_builtin()
+    try:
+        return _PASSES[name]
+    except KeyError:
+        raise PipelineError(
+            f"unknown pass '{name}'; run 'onnxcompress list-passes' to see the passes"
+        ) from None
+
+
+def pass_names() -> list[str]:
+    _load_builtin()
+    return sorted(_PASSES)
+
+
+def all_passes() -> list[type]:
+    return [_PASSES[n] for n in pass_names()]
