@@ -32,6 +32,7 @@ def load_model(source) -> ir.Model:
     cloned (tensors are shared, and passes never modify a tensor in place).
     """
     if isinstance(source, ir.Model):
+        check_structure(source)  # before cloning: the cloner cannot copy a cycle
         model = source.clone()
     elif isinstance(source, onnx.ModelProto):
         model = ir.serde.deserialize_model(source)

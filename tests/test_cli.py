@@ -1,0 +1,176 @@
+"""The command line: each command end to end, and bad input as one error line with no output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from onnxcompress.cli import main
+
+
+def cli(*args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_optimize_writes_model_report_and_table(tiny_path, tiny_calib, tmp_path, capsys):
+    out = tmp_path / "out" / "tiny.opt.onnx"
+    code, stdout, err = cli("optimize", tiny_path, "-o", out, "-p", "cleanup,test-add-identity",
+                            "--calib", tiny_calib, capsys=capsys)
+    assert code == 0, err
+    onnx.checker.check_model(onnx.load(out))
+    report = json.loads((out.parent / "tiny.opt.report.json").read_text())
+    assert report["pipeline"] == "cleanup,test-add-identity"
+    assert [p["status"] for p in report["passes"]] == ["unchanged", "changed"]
+    for column in ("pass", "rewritten", "refused", "params", "bytes", "MACs", "drift", "time"):
+        assert column in stdout
+    assert "inf dB" in stdout
+
+
+def test_optimize_with_explicit_report_path(tiny_path, tmp_path, capsys):
+    code, _, err = cli("optimize", tiny_path, "-o", tmp_path / "o.onnx", "-p", "cleanup",
+                       "--report", tmp_path / "r.json", capsys=capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["passes"][0]["name"] == "cleanup"
+
+
+def test_print_pipeline_prints_back_exactly(capsys):
+    code, out, _ = cli("optimize", "--print-pipeline", "-p", "test-needs-scale,cleanup{deduplicate=false}", capsys=capsys)
+    assert code == 0
+    printed = out.strip()
+    assert printed == "test-scale-weight,test-needs-scale,cleanup{deduplicate=false}"
+    code, again, _ = cli("optimize", "--print-pipeline", "-p", printed, capsys=capsys)
+    assert again.strip() == printed
+
+
+def test_drift_rollback_is_named_in_table_and_report(tiny_path, tiny_calib, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    code, stdout, _ = cli("optimize", tiny_path, "-o", out, "-p", "test-scale-weight{factor=3.0}",
+                          "--calib", tiny_calib, "--drift-budget", "sqnr=40", capsys=capsys)
+    assert code == 0
+    assert "rolled back" in stdout and "drift over budget" in stdout
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert report["passes"][0]["status"] == "rolled back"
+
+
+def test_drift_fail_exits_nonzero_writes_nothing_and_prints_reproducer(tiny_path, tiny_calib, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    code, stdout, err = cli("optimize", tiny_path, "-o", out, "-p", "test-scale-weight{factor=3.0}",
+                            "--calib", tiny_calib, "--drift-budget", "sqnr=40", "--on-drift", "fail",
+                            "--reproducer-dir", tmp_path / "repro", capsys=capsys)
+    assert code == 3
+    assert err.count("\n") == 1 and "reproducer: " in err
+    assert not out.exists()
+    folder = err.split("reproducer: ")[1].rstrip(")\n")
+    assert (tmp_path / "repro").resolve() in __import__("pathlib").Path(folder).resolve().parents
+
+
+def test_bisect_and_dump_flags(tiny_path, tmp_path, capsys):
+    dump = tmp_path / "dump"
+    code, stdout, _ = cli("optimize", tiny_path, "-o", tmp_path / "o.onnx", "-p",
+                          "test-add-identity,test-scale-weight{factor=2.0}", "--bisect-limit", "1",
+                          "--print-after-change", dump, capsys=capsys)
+    assert code == 0
+    assert "BISECT: NOT running pass (2) test-scale-weight{factor=2.0}" in stdout
+    assert sorted(p.name for p in dump.iterdir()) == ["000_input.onnx", "001_test-add-identity.onnx"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-p", "cleanup{"], "bad pipeline at column 9"),
+        (["-p", "no-such-pass"], "unknown pass 'no-such-pass'"),
+        (["-p", "cleanup{deduplicate=perhaps}"], "option 'deduplicate' must be true or false"),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["-p", "cleanup", "--drift-budget", "speed=3", "--random-calib", "2"], "bad drift budget 'speed=3'"),
+        (["-p", "cleanup", "--drift-budget", "sqnr=30"], "needs calibration data"),
+    ],
+)
+def test_bad_arguments_one_line_nonzero_nothing_written(tiny_path, tmp_path, capsys, args, message):
+    out = tmp_path / "o.onnx"
+    code, _, err = cli("optimize", tiny_path, "-o", out, *args, capsys=capsys)
+    assert code != 0
+    assert message in err and err.startswith("onnxcompress: error: ") and err.count("\n") == 1
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+
+
+def test_bad_model_and_bad_calibration(tmp_path, tiny_path, capsys):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(tiny_path.read_bytes()[:100])
+    code, _, err = cli("optimize", broken, "-o", tmp_path / "o.onnx", capsys=capsys)
+    assert code == 2 and "not a valid ONNX model" in err and err.count("\n") == 1
+    bad = tmp_path / "bad.npz"
+    import numpy as np
+
+    np.savez(bad, x=np.zeros((1, 4), np.float64))
+    code, _, err = cli("optimize", tiny_path, "-o", tmp_path / "o.onnx", "--calib", bad, capsys=capsys)
+    assert code == 2 and "input 'x' expects float32" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_output_must_differ_from_input(tiny_path, capsys):
+    before = tiny_path.read_bytes()
+    code, _, err = cli("optimize", tiny_path, "-o", tiny_path, capsys=capsys)
+    assert code == 2 and "must not be the input" in err
+    assert tiny_path.read_bytes() == before
+
+
+def test_inspect_table_and_json(tiny_path, capsys):
+    code, out, _ = cli("inspect", tiny_path, capsys=capsys)
+    assert code == 0
+    assert "fc1" in out and "total: 67 parameters, 268 bytes, 56 MACs" in out
+    assert "Gemm 2" in out
+    code, out, _ = cli("inspect", tiny_path, "--json", capsys=capsys)
+    data = json.loads(out)
+    assert data["params"] == 67 and data["macs"] == 56
+    assert "candidates" in data
+
+
+def test_compare_outputs_and_per_node(tiny_path, tiny_calib, tmp_path, capsys):
+    import onnxcompress
+
+    other = tmp_path / "other.onnx"
+    onnxcompress.compress(tiny_path, "test-scale-weight{factor=1.01}").save(other)
+    code, out, _ = cli("compare", tiny_path, other, "--calib", tiny_calib, "--per-node", capsys=capsys)
+    assert code == 0
+    assert "y" in out and "dB" in out
+    lines = out.split("worst first")[1].splitlines()
+    assert any(line.startswith("h ") for line in lines)
+    code, out, _ = cli("compare", tiny_path, other, "--calib", tiny_calib, "--per-node", "--json", capsys=capsys)
+    data = json.loads(out)
+    assert data["outputs"]["y"]["sqnr_db"] < 60
+    assert {t["name"] for t in data["tensors"]} == {"h", "r", "y"}
+
+
+def test_compare_same_model_is_exact(tiny_path, tiny_calib, capsys):
+    code, out, _ = cli("compare", tiny_path, tiny_path, "--calib", tiny_calib, "--json", capsys=capsys)
+    data = json.loads(out)
+    assert data["outputs"]["y"] == {"sqnr_db": "inf", "max_abs": 0.0, "cosine": pytest.approx(1.0), "top1": 1.0}
+
+
+def test_compare_without_data_is_an_error(tiny_path, capsys):
+    code, _, err = cli("compare", tiny_path, tiny_path, capsys=capsys)
+    assert code == 2 and "--calib" in err
+
+
+def test_list_passes_shows_options_and_presets(capsys):
+    code, out, _ = cli("list-passes", capsys=capsys)
+    assert code == 0
+    assert "cleanup: " in out and "deduplicate=true" in out and "presets:" in out and "default:" in out
+    code, out, _ = cli("list-passes", "--json", capsys=capsys)
+    data = json.loads(out)
+    names = {p["name"] for p in data["passes"]}
+    assert {"cleanup", "lift-constants", "fold-constants", "fold-batchnorm", "infer-shapes"} <= names
+
+
+def test_entry_point_runs_as_a_module(tiny_path, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "onnxcompress", "inspect", str(tmp_path / "missing.onnx")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("onnxcompress: error:") and "Traceback" not in proc.stderr
