@@ -1,0 +1,234 @@
+"""prune-channels: remove whole output channels / neurons, shrinking every tensor they flow through."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from onnxcompress.analysis.channels import ChannelGroups, Slice, channel_groups
+from onnxcompress.channel_importance import importance_of_units
+from onnxcompress.options import PassOptions, option
+from onnxcompress.pass_base import CompressionPass, node_label
+from onnxcompress.reconstruct import reconstruct_sinks
+from onnxcompress.registry import register
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneChannelsOptions(PassOptions):
+    ratio: float = option(0.3, "share of each group's channels to remove, in [0, 1)")
+    importance: Literal["l1", "l2", "apoz", "lasso"] = option(
+        "l1", "how channels are ranked: weight norms (l1, l2), share of zero activations (apoz), "
+        "or Lasso channel selection on calibration data (lasso)"
+    )
+    scope: Literal["layer", "global"] = option("layer", "rank within each group, or across all groups")
+    min_channels: int = option(1, "never keep fewer channels than this in a group")
+    round_to: int = option(1, "keep a multiple of this many channels (8 or 16 suit fast kernels)")
+    reconstruct: bool = option(False, "refit the next layers' weights by least squares on calibration data")
+    exclude: str = option("", "regular expression: sources whose node name matches keep all channels")
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio < 1.0:
+            self.fail("ratio", f"must lie in [0, 1), got {self.ratio}")
+        if self.min_channels < 1:
+            self.fail("min_channels", f"must be at least 1, got {self.min_channels}")
+        if self.round_to < 1:
+            self.fail("round_to", f"must be at least 1, got {self.round_to}")
+        if self.exclude:
+            try:
+                re.compile(self.exclude)
+            except re.error as exc:
+                self.fail("exclude", f"is not a valid regular expression: {exc}")
+
+
+@register
+class PruneChannels(CompressionPass):
+    """Remove whole output channels / neurons and the matching input slices of every consumer.
+
+    Channel groups (analysis "channels") say which channels must go together: through
+    BatchNorm, activations, residual Add/Mul, Concat, Split, pooling, Resize, Pad,
+    depthwise convs and Flatten/Reshape into a Gemm. In each group the ``ratio`` least
+    important channels are removed (``scope=global``: the least important over all groups,
+    each group's importances normalised by its mean). Weights of the sources, per-channel
+    constants and the next layers' input slices are cut; shapes shrink for real.
+
+    Exact limit: removing channels whose source weights and bias are all zero (and whose
+    downstream constants add nothing) changes no output; ratio 0 changes nothing and reports
+    ``modified=False``. Groups reaching a graph output or an op the analysis does not know
+    are refused, with the reason. With ``reconstruct=true`` each consumer's remaining weights
+    are refitted by least squares (He et al. 2017) so its output on the calibration data
+    matches the original's.
+    """
+
+    name = "prune-channels"
+    Options = PruneChannelsOptions
+    prerequisites = ("lift-constants", "fold-batchnorm", "infer-shapes")
+    lossless = False
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.options.ratio == 0.0:
+            return ir.passes.PassResult(model, modified=False)
+        needs_data = self.options.importance in ("apoz", "lasso") or self.options.reconstruct
+        if needs_data and not self.context.calibration:
+            from onnxcompress.errors import CalibrationError
+
+            raise CalibrationError(
+                f"prune-channels with importance={self.options.importance}"
+                f"{' and reconstruct=true' if self.options.reconstruct else ''} needs calibration data (--calib)"
+            )
+        groups = channel_groups(model)
+        self._exclude(groups)
+        original = model.clone() if self.options.reconstruct else None
+        importance = importance_of_units(model, groups, self.options.importance, self.context.calibration)
+        removed = self._select(groups, importance)
+        self._record(groups, removed)
+        if not removed:
+            return ir.passes.PassResult(model, modified=False)
+        apply_pruning(model, groups, removed)
+        if self.options.reconstruct:
+            for node, detail in reconstruct_sinks(original, model, groups, removed, self.context.calibration):
+                self.rewrote(node, detail)
+        return ir.passes.PassResult(model, modified=True)
+
+    def _exclude(self, groups: ChannelGroups) -> None:
+        if not self.options.exclude:
+            return
+        pattern = re.compile(self.options.exclude)
+        for source in groups.sources:
+            if pattern.search(source.node.name or ""):
+                for atom in source.atoms:
+                    groups.blocked.setdefault(groups.unit(atom), f"excluded by exclude={self.options.exclude}")
+
+    def _select(self, groups: ChannelGroups, importance: dict[int, float]) -> set[int]:
+        budgets = {i: self._removable_count(groups, units) for i, units in enumerate(groups.groups)}
+        if self.options.scope == "layer":
+            removed = set()
+            for i, units in enumerate(groups.groups):
+                candidates = sorted((u for u in units if u not in groups.blocked), key=lambda u: importance[u])
+                removed.update(candidates[: budgets[i]])
+            return removed
+        return self._select_global(groups, importance, budgets)
+
+    def _select_global(self, groups, importance, budgets) -> set[int]:
+        scored = []
+        total = 0
+        for i, units in enumerate(groups.groups):
+            free = [u for u in units if u not in groups.blocked]
+            if not free:
+                continue
+            total += len(units)
+            mean = float(np.mean([importance[u] for u in units])) or 1.0
+            scored += [(importance[u] / mean, u, i) for u in free]
+        target = int(math.floor(self.options.ratio * total))
+        removed, taken = set(), {i: 0 for i in budgets}
+        limits = {i: self._removable_count(groups, units, ratio=0.95) for i, units in enumerate(groups.groups)}
+        for _, unit, i in sorted(scored):
+            if len(removed) >= target:
+                break
+            if taken[i] < limits[i]:
+                removed.add(unit)
+                taken[i] += 1
+        return removed
+
+    def _removable_count(self, groups: ChannelGroups, units: list[int], ratio: float | None = None) -> int:
+        ratio = self.options.ratio if ratio is None else ratio
+        total = len(units)
+        free = sum(u not in groups.blocked for u in units)
+        keep = max(total - int(math.floor(ratio * total)), self.options.min_channels)
+        round_to = self.options.round_to
+        keep = min(total, int(math.ceil(keep / round_to) * round_to))
+        return max(0, min(free, total - keep))
+
+    def _record(self, groups: ChannelGroups, removed: set[int]) -> None:
+        for units in groups.groups:
+            sources = groups.sources_of_group(units)
+            gone = sum(u in removed for u in units)
+            blocked = {groups.blocked[u] for u in units if u in groups.blocked}
+            for source in sources:
+                if gone:
+                    self.rewrote(source.node, f"removed {gone} of {len(units)} channels")
+                elif blocked:
+                    self.refused(source.node, sorted(blocked)[0])
+                else:
+                    self.refused(source.node, "no channel selected at this ratio (min_channels / round_to)")
+
+
+def apply_pruning(model: ir.Model, groups: ChannelGroups, removed: set[int]) -> None:
+    """Cut every recorded constant, Split and Reshape so the removed units disappear."""
+    for item in groups.slices:
+        keep = [i for i, atom in enumerate(item.atoms) if groups.unit(atom) not in removed]
+        if len(keep) != len(item.atoms):
+            _slice_input(model, item, keep)
+    for split in groups.splits:
+        sizes = [sum(groups.unit(a) not in removed for a in piece) for piece in split.pieces]
+        _set_split_sizes(model, split.node, sizes)
+    for fix in groups.reshapes:
+        count = sum(groups.unit(a) not in removed for a in fix.atoms)
+        target = fix.node.inputs[1].const_value.numpy().copy()
+        target[1] = count
+        _replace_constant_input(model, fix.node, 1, target)
+    _refresh_shapes(model)
+
+
+def _slice_input(model: ir.Model, item: Slice, keep: list[int]) -> None:
+    value = item.node.inputs[item.input_index]
+    array = value.const_value.numpy()
+    _replace_constant_input(model, item.node, item.input_index, np.take(array, keep, axis=item.axis))
+
+
+def _set_split_sizes(model: ir.Model, node: ir.Node, sizes: list[int]) -> None:
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        _replace_constant_input(model, node, 1, np.asarray(sizes, dtype=np.int64))
+    elif "split" in node.attributes:
+        node.attributes["split"] = ir.AttrInt64s("split", sizes)
+    else:  # equal pieces implied by the output count: make the sizes explicit
+        if model.opset_imports.get("", 1) >= 13:
+            value = _new_initializer(model, f"{node.name or 'split'}.sizes", np.asarray(sizes, dtype=np.int64))
+            while len(node.inputs) < 2:
+                node.resize_inputs(len(node.inputs) + 1)
+            node.replace_input_with(1, value)
+        else:
+            node.attributes["split"] = ir.AttrInt64s("split", sizes)
+
+
+def _replace_constant_input(model: ir.Model, node: ir.Node, index: int, array: np.ndarray) -> None:
+    old = node.inputs[index]
+    new = _new_initializer(model, f"{old.name}.pruned", array)
+    node.replace_input_with(index, new)
+    if not old.uses() and old.is_initializer() and not old.is_graph_input() and not old.is_graph_output():
+        del model.graph.initializers[old.name]
+
+
+def _new_initializer(model: ir.Model, base: str, array: np.ndarray) -> ir.Value:
+    name, n = base, 1
+    while name in model.graph.initializers:
+        n += 1
+        name = f"{base}{n}"
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    model.graph.register_initializer(value)
+    return value
+
+
+def _refresh_shapes(model: ir.Model) -> None:
+    """Channel counts changed: forget inferred shapes of intermediate tensors, infer again."""
+    outputs = set(model.graph.outputs)
+    for node in model.graph:
+        for value in node.outputs:
+            if value not in outputs:
+                value.shape = None
+    try:
+        ShapeInferencePass(data_prop=True)(model)
+    except Exception as exc:  # shapes are a convenience here; the model itself is consistent
+        logger.info("shape inference after pruning failed: %s", exc)
+
+
+label = node_label
