@@ -12,8 +12,8 @@ What is counted
   tensor, strings = their UTF-8 length). Packed formats count what is stored: a ``MatMulNBits``
   weight is a uint8 tensor of packed nibbles, so its ``params`` is its number of bytes.
   A tensor shared by several nodes is counted once, and attributed to the first node that reads it
-  (in graph order, subgraph nodes following the node that owns the subgraph); a Constant node's tensor
-  that nothing reads is attributed to the Constant node itself. The per-node numbers therefore add up
+  (in graph order, subgraph nodes following the node that owns the subgraph); a Constant node's
+  tensor that nothing reads is attributed to the Constant node itself. The per-node numbers add up
   to the totals, except for initializers that no node reads (dead ones, or ones only used as a graph
   output), which count in the totals only.
 * **macs** are multiply-accumulates of the ops that are built of them: Conv (any rank, groups,
@@ -46,8 +46,13 @@ What is counted
   ``onnx.shape_inference.infer_shapes(..., data_prop=True)`` runs on it; if inference fails, the
   shapes already stored on the IR values are used. The first dim of every graph input, when
   symbolic or unknown, becomes ``batch`` (and so does every other dim with the same symbol);
-  ``input_shapes`` fixes chosen inputs completely (their symbols propagate the same way). A MAC op
-  whose needed dims stay unknown counts 0 and is listed in ``unknown_shape_nodes``.
+  ``input_shapes`` fixes chosen inputs completely (their symbols propagate the same way). When
+  every input dim is then known but some MAC op's dims are not (ONNX's data propagation stops at
+  e.g. Shape -> Slice of a position-id table, as in exported BERTs), onnxruntime's symbolic shape
+  inference (``onnxruntime.tools.symbolic_shape_infer``, sympy) runs on the same copy and fills
+  the gaps. A MAC op whose needed dims stay unknown counts 0 and is listed in
+  ``unknown_shape_nodes``; a transformer with a symbolic sequence length needs ``input_shapes``.
+  A model with fixed dims is costed as it is: ``batch`` replaces symbolic dims only.
 
 Limits: ops inside If/Loop/Scan subgraphs count once (both If branches are added; a Loop or Scan
 body is not multiplied by its trip count); calls to model-local functions and contrib ops not listed
@@ -69,7 +74,7 @@ from onnxcompress.analysis import register_analysis
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NodeCost", "ModelCost", "compute_cost", "tensor_params_and_bytes"]
+__all__ = ["NodeCost", "ModelCost", "compute_cost", "mac_op_types", "tensor_params_and_bytes"]
 
 # Constant tensors up to this many elements keep their data in the copy handed to shape
 # inference (shape-like int64 vectors, scalars for Range, ...); larger ones become typed inputs.
@@ -133,7 +138,10 @@ def tensor_params_and_bytes(tensor: ir.TensorProtocol) -> tuple[int, int]:
     dtype = tensor.dtype
     if dtype == ir.DataType.STRING:
         try:
-            data = tensor.string_data() if hasattr(tensor, "string_data") else tensor.numpy().ravel()
+            if hasattr(tensor, "string_data"):
+                data = tensor.string_data()
+            else:
+                data = tensor.numpy().ravel()
             nbytes = sum(len(s if isinstance(s, bytes) else str(s).encode()) for s in data)
         except Exception:  # pragma: no cover - unreadable external strings
             nbytes = 0
@@ -283,7 +291,7 @@ def _collect_symbols(
                 f"inputs: {', '.join(inputs) or '(none)'}"
             )
         for name, dims in input_shapes.items():
-            dims = [None if d is None or (isinstance(d, int) and d < 0) else int(d) for d in dims]
+            dims = [None if d is None or int(d) < 0 else int(d) for d in dims]
             own = inputs[name].shape
             if own is not None and len(own) != len(dims):
                 raise ValueError(
@@ -372,7 +380,7 @@ def _weight_free_proto(model: ir.Model) -> tuple[onnx.ModelProto, list[ir.Node]]
                 tp.name = name
                 initializer_protos.append(tp)
                 continue
-            except Exception:  # unreadable data: shape inference does with the type
+            except Exception:  # unreadable data: inference makes do with the type
                 logger.debug("cost: initializer %r data not readable; typed input instead", name)
         if name not in input_names:
             extra_inputs.append(onnx.helper.make_tensor_value_info(name, tensor.dtype.value, dims))
@@ -400,7 +408,10 @@ def _weight_free_proto(model: ir.Model) -> tuple[onnx.ModelProto, list[ir.Node]]
     proto.graph.initializer.extend(initializer_protos)
     proto.graph.input.extend(extra_inputs)
     for function in model.functions.values():
-        proto.functions.append(ir.serde.serialize_function(function))
+        try:
+            proto.functions.append(ir.serde.serialize_function(function))
+        except Exception as exc:  # pragma: no cover - inference then skips calls to it
+            logger.debug("cost: could not serialise function %s: %s", function.identifier(), exc)
     return proto, kept_nodes
 
 
@@ -427,18 +438,30 @@ def _dims_of(type_proto: onnx.TypeProto) -> list | None:
 
 
 def _record_inferred(
-    shapes: _Shapes, graph_values: Sequence[ir.Value], nodes: Sequence[ir.Node], g: onnx.GraphProto
+    shapes: _Shapes,
+    graph_values: Sequence[ir.Value],
+    nodes: Sequence[ir.Node],
+    g: onnx.GraphProto,
+    fill_only: bool = False,
 ) -> None:
-    """Copy the shapes of ``g`` (the inferred proto of an IR graph) onto that graph's values."""
+    """Copy the shapes of ``g`` (the inferred proto of an IR graph) onto that graph's values.
+
+    With ``fill_only``, a value's recorded dims are only completed where they are still unknown."""
     types = _type_map(g)
 
     def put(value: ir.Value | None) -> None:
         if value is None or not value.name or value.name not in types:
             return
         dims = _dims_of(types[value.name])
-        if dims is not None:
-            shapes.inferred[id(value)] = dims
-            shapes._keep.append(value)
+        if dims is None:
+            return
+        old = shapes.inferred.get(id(value))
+        if fill_only and old is not None:
+            if len(old) != len(dims):
+                return
+            dims = [o if shapes._dim(o) is not None else d for o, d in zip(old, dims)]
+        shapes.inferred[id(value)] = dims
+        shapes._keep.append(value)
 
     for v in graph_values:
         put(v)
@@ -459,44 +482,91 @@ def _record_inferred(
             sub_proto = a.g if index < 0 else (a.graphs[index] if index < len(a.graphs) else None)
             if sub_proto is None:
                 continue
-            _record_inferred(shapes, list(sub.inputs) + list(sub.outputs), list(sub), sub_proto)
+            _record_inferred(
+                shapes, list(sub.inputs) + list(sub.outputs), list(sub), sub_proto, fill_only
+            )
 
 
-def _infer(model: ir.Model, shapes: _Shapes, fixed: dict[str, list[int | None]]) -> bool:
+def _strip_value_info(g: onnx.GraphProto) -> None:
+    del g.value_info[:]
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _strip_value_info(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    _strip_value_info(sub)
+
+
+def _onnxruntime_symbolic_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference (sympy): follows shape arithmetic (Shape -> Slice,
+    Range, ...) that ONNX's data propagation stops at, and knows the com.microsoft ops."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except Exception:  # pragma: no cover - onnxruntime without its tools
+        return None
+    # The class's own infer_shapes() saves a model to the working directory when inference is
+    # incomplete; drive its steps directly instead (a partial result is still useful).
+    ssi = SymbolicShapeInference(2**31 - 1, True, False, 0)
+    ssi._preprocess(proto)  # noqa: SLF001
+    while ssi.run_:
+        ssi._infer_impl()  # noqa: SLF001
+    ssi._update_output_from_vi()  # noqa: SLF001
+    return ssi.out_mp_
+
+
+def _infer(
+    model: ir.Model, shapes: _Shapes, fixed: dict[str, list[int | None]]
+) -> tuple[bool, Callable[[], bool] | None]:
+    """Run ONNX shape inference on a weight-free copy and record the shapes.
+
+    Returns whether it worked, and a function that runs the slower onnxruntime symbolic shape
+    inference on the same copy and fills in dims still unknown (None if no copy could be made
+    or some input dim is still symbolic)."""
     try:
         proto, kept_nodes = _weight_free_proto(model)
     except Exception as exc:  # pragma: no cover - serialisation of an odd model
         logger.debug("cost: could not serialise the model for shape inference: %s", exc)
-        return False
+        return False, None
     for vi in proto.graph.input:
         if vi.name in fixed:
             _fix_dims_in_type(vi.type, shapes.symbols, fixed[vi.name])
     _fix_dims_in_graph_proto(proto.graph, shapes.symbols)
+    graph = model.graph
+    graph_values = list(graph.inputs) + list(graph.outputs)
+
     inferred = None
     for attempt in ("with value_info", "without value_info"):
         if attempt == "without value_info":
-
-            def strip(g: onnx.GraphProto) -> None:
-                del g.value_info[:]
-                for n in g.node:
-                    for a in n.attribute:
-                        if a.type == onnx.AttributeProto.GRAPH:
-                            strip(a.g)
-                        elif a.type == onnx.AttributeProto.GRAPHS:
-                            for s in a.graphs:
-                                strip(s)
-
-            strip(proto.graph)
+            _strip_value_info(proto.graph)
         try:
             inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
             break
         except Exception as exc:
-            logger.debug("cost: shape inference (%s) failed: %s", attempt, exc)
-    if inferred is None:
-        return False
-    graph = model.graph
-    _record_inferred(shapes, list(graph.inputs) + list(graph.outputs), kept_nodes, inferred.graph)
-    return True
+            logger.debug("cost: ONNX shape inference (%s) failed: %s", attempt, exc)
+    if inferred is not None:
+        _record_inferred(shapes, graph_values, kept_nodes, inferred.graph)
+
+    def refine() -> bool:
+        try:
+            out = _onnxruntime_symbolic_inference(proto)
+        except Exception as exc:
+            logger.debug("cost: onnxruntime symbolic shape inference failed: %s", exc)
+            return False
+        if out is None:
+            return False
+        _record_inferred(shapes, graph_values, kept_nodes, out.graph, fill_only=True)
+        return True
+
+    # onnxruntime's inference is worth its time only when every input dim is known: with
+    # symbolic input dims left, the dims it could not find are unknowable anyway (and sympy slow).
+    static = all(
+        vi.type.HasField("tensor_type")
+        and vi.type.tensor_type.HasField("shape")
+        and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)
+        for vi in proto.graph.input
+    )
+    return inferred is not None, (refine if static else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -724,6 +794,38 @@ def mac_op_types() -> list[str]:
     return sorted(f"{d}::{o}" if d else o for d, o in _FORMULAS)
 
 
+def _formula(node: ir.Node) -> Callable[[ir.Node, _Shapes], int] | None:
+    domain = "" if node.domain in _DEFAULT_DOMAINS else node.domain
+    return _FORMULAS.get((domain, node.op_type))
+
+
+def _node_macs(node: ir.Node, shapes: _Shapes) -> int | None:
+    """MACs of one node; 0 for ops without a formula, None if the shapes it needs are unknown."""
+    formula = _formula(node)
+    if formula is None:
+        return 0
+    try:
+        return int(formula(node, shapes))
+    except _Unknown:
+        return None
+    except (TypeError, ValueError, IndexError, ZeroDivisionError) as exc:
+        logger.debug("cost: MACs of %s (%s) not computable: %s", node.name, node.op_type, exc)
+        return None
+
+
+def _apply_fixed_inputs(
+    graph: ir.Graph, shapes: _Shapes, fixed: dict[str, list[int | None]]
+) -> None:
+    """Without inference, still apply the fixed input dims to the graph inputs' own shapes."""
+    for value in graph.inputs:
+        dims = fixed.get(value.name)
+        if dims is None or value.shape is None or len(value.shape) != len(dims):
+            continue
+        own = [d if isinstance(d, int) else getattr(d, "value", None) for d in value.shape]
+        shapes.inferred[id(value)] = [f if f is not None else o for f, o in zip(dims, own)]
+        shapes._keep.append(value)
+
+
 # --------------------------------------------------------------------------------------------
 # The analysis
 # --------------------------------------------------------------------------------------------
@@ -791,42 +893,37 @@ def compute_cost(
             per_node[id(owner)][1] += b
 
     # 3. shapes (only if some node needs them)
-    if any((n.domain if n.domain not in _DEFAULT_DOMAINS else "", n.op_type) in _FORMULAS for n in order):
+    refine = None
+    if any(_formula(n) is not None for n in order):
         symbols, fixed = _collect_symbols(graph, batch, input_shapes)
         shapes.symbols.update(symbols)
-        if not _infer(model, shapes, fixed):
-            logger.info("cost: shape inference failed; using the shapes stored on the model")
-            for name, dims in fixed.items():  # apply the fixed input dims on the fallback path
-                value = next((v for v in graph.inputs if v.name == name), None)
-                if value is not None and value.shape is not None:
-                    own = [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None) for d in value.shape]
-                    shapes.inferred[id(value)] = [f if f is not None else o for f, o in zip(dims, own)]
-                    shapes._keep.append(value)
+        ok, refine = _infer(model, shapes, fixed)
+        if not ok:
+            logger.info("cost: ONNX shape inference failed; using the shapes stored on the model")
+            _apply_fixed_inputs(graph, shapes, fixed)
     elif input_shapes:
         _collect_symbols(graph, batch, input_shapes)  # still validate the argument
 
     # 4. per node
+    macs: dict[int, int | None] = {id(n): _node_macs(n, shapes) for n in order}
+    if refine is not None and any(m is None for m in macs.values()) and refine():
+        for node in order:
+            if macs[id(node)] is None:
+                macs[id(node)] = _node_macs(node, shapes)
+
     nodes: list[NodeCost] = []
     unknown: list[str] = []
     histogram: dict[str, int] = {}
-    total_macs = 0
     for i, node in enumerate(order):
         name = node.name or f"{node.op_type}#{i}"
         histogram[node.op_type] = histogram.get(node.op_type, 0) + 1
-        domain = "" if node.domain in _DEFAULT_DOMAINS else node.domain
-        formula = _FORMULAS.get((domain, node.op_type))
-        macs = 0
-        if formula is not None:
-            try:
-                macs = int(formula(node, shapes))
-            except _Unknown:
-                unknown.append(name)
-            except (TypeError, ValueError, IndexError, ZeroDivisionError) as exc:
-                logger.debug("cost: MACs of %s (%s) not computable: %s", name, node.op_type, exc)
-                unknown.append(name)
-        total_macs += macs
+        node_macs = macs[id(node)]
+        if node_macs is None:
+            unknown.append(name)
         p, b = per_node[id(node)]
-        nodes.append(NodeCost(node=name, op_type=node.op_type, params=p, bytes=b, macs=macs))
+        nodes.append(
+            NodeCost(node=name, op_type=node.op_type, params=p, bytes=b, macs=node_macs or 0)
+        )
 
     total_params = sum(sizes[id(v)][0] for v in constants)
     total_bytes = sum(sizes[id(v)][1] for v in constants)
@@ -834,7 +931,7 @@ def compute_cost(
         nodes=nodes,
         params=total_params,
         bytes=total_bytes,
-        macs=total_macs,
+        macs=sum(n.macs for n in nodes),
         op_histogram=dict(sorted(histogram.items())),
         unknown_shape_nodes=unknown,
     )
