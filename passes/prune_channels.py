@@ -148,6 +148,8 @@ class PruneChannels(CompressionPass):
         return max(0, min(free, total - keep))
 
     def _record(self, groups: ChannelGroups, removed: set[int]) -> None:
+        for node, reason in groups.refusals:
+            self.refused(node, reason)
         for units in groups.groups:
             sources = groups.sources_of_group(units)
             gone = sum(u in removed for u in units)
@@ -170,6 +172,8 @@ def apply_pruning(model: ir.Model, groups: ChannelGroups, removed: set[int]) -> 
     for split in groups.splits:
         sizes = [sum(groups.unit(a) not in removed for a in piece) for piece in split.pieces]
         _set_split_sizes(model, split.node, sizes)
+    for fix in groups.depthwise:
+        fix.node.attributes["group"] = ir.AttrInt64("group", sum(groups.unit(a) not in removed for a in fix.atoms))
     for fix in groups.reshapes:
         count = sum(groups.unit(a) not in removed for a in fix.atoms)
         target = fix.node.inputs[1].const_value.numpy().copy()

@@ -75,6 +75,14 @@ class ReshapeFix:
 
 
 @dataclasses.dataclass
+class GroupFix:
+    """A depthwise conv: its ``group`` attribute is its channel count."""
+
+    node: ir.Node
+    atoms: tuple[int, ...]
+
+
+@dataclasses.dataclass
 class Source:
     node: ir.Node
     atoms: tuple[int, ...]
@@ -91,9 +99,11 @@ class ChannelGroups:
     slices: list[Slice]
     splits: list[SplitSizes]
     reshapes: list[ReshapeFix]
+    depthwise: list[GroupFix]
     tensors: dict[str, tuple[int, tuple[int, ...]]]  # tensor name -> (axis, atoms)
     unions: UnionFind
     blocked: dict[int, str]  # unit root -> reason
+    refusals: list[tuple[ir.Node, str]]  # would-be sources whose channels cannot be removed
     groups: list[list[int]]  # each group: the unit roots of coupled sources
 
     def unit(self, atom: int) -> int:
@@ -127,6 +137,8 @@ class _Builder:
         self.slices: list[Slice] = []
         self.splits: list[SplitSizes] = []
         self.reshapes: list[ReshapeFix] = []
+        self.depthwise: list[GroupFix] = []
+        self.refusals: list[tuple[ir.Node, str]] = []
 
     # -- atoms -----------------------------------------------------------------------------
 
@@ -164,8 +176,8 @@ class _Builder:
         for atom, reason in self.blocked_atoms.items():
             blocked.setdefault(self.uf[atom], reason)
         return ChannelGroups(
-            self.sources, self.slices, self.splits, self.reshapes,
-            {v.name: c for v, c in self.tensors.items()}, self.uf, blocked, self._groups(),
+            self.sources, self.slices, self.splits, self.reshapes, self.depthwise,
+            {v.name: c for v, c in self.tensors.items()}, self.uf, blocked, self.refusals, self._groups(),
         )
 
     def _groups(self) -> list[list[int]]:
@@ -261,9 +273,11 @@ class _Builder:
             self.slices.append(Slice(node, 1, 0, atoms, "param"))
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 self.slices.append(Slice(node, 2, 0, atoms, "param"))
+            self.depthwise.append(GroupFix(node, atoms))
             self.set_channels(node.outputs[0], axis, atoms)
             return
         reason = f"grouped conv {node_label(node)} (group={group}) keeps its channel layout"
+        self.refusals.append((node, reason))
         if got:
             self.block(got[1], reason)
         atoms = self.new_atoms(c_out)
@@ -277,6 +291,7 @@ class _Builder:
         group = _int_attr(node, "group", 1)
         if shape is None or group != 1:
             reason = f"ConvTranspose {node_label(node)} with group={group} or a non-constant weight"
+            self.refusals.append((node, reason))
             if got:
                 self.block(got[1], reason)
             if shape is not None:

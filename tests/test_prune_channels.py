@@ -1,0 +1,397 @@
+"""prune-channels: one synthetic graph per coupling rule, exact limits, refusals, importance, reconstruction.
+
+The exactness checks zero some channels of the sources (weights and bias), so that those are the
+least important; removing them must then leave every output unchanged. A wrong slice anywhere
+(BatchNorm, Concat offsets, Split sizes, Flatten blocks, depthwise weights, per-channel
+constants) would change the outputs or break the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+import onnxcompress
+from onnxcompress.analysis.channels import channel_groups
+from onnxcompress.errors import CalibrationError, OptionError
+from onnxcompress.pipeline import Pipeline
+from onnxcompress.runtime import make_session, run_all
+
+RNG = np.random.default_rng(0)
+
+
+class Net:
+    """A tiny ONNX graph builder: float weights as initializers, shapes on inputs/outputs."""
+
+    def __init__(self, input_shape, name="x"):
+        self.nodes, self.inits = [], []
+        self.per_op: dict[str, int] = {}
+        self.inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, input_shape)]
+        self.count = 0
+
+    def w(self, array, name=None):
+        self.count += 1
+        name = name or f"w{self.count}"
+        self.inits.append(onnx.numpy_helper.from_array(np.asarray(array, dtype=np.float32), name))
+        return name
+
+    def op(self, op_type, inputs, n_out=1, **attrs):
+        self.count += 1
+        self.per_op[op_type] = self.per_op.get(op_type, 0) + 1
+        name = f"{op_type.lower()}{self.per_op[op_type]}"  # conv1, conv2, relu1, ...
+        outs = [f"{name}_out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def conv(self, x, c_in, c_out, k=3, zero=(), group=1, bias=True, **attrs):
+        w = RNG.standard_normal((c_out, c_in // group, k, k)) * 0.5
+        b = RNG.standard_normal(c_out) * 0.1
+        for c in zero:
+            w[c] = 0
+            b[c] = 0
+        inputs = [x, self.w(w)] + ([self.w(b)] if bias else [])
+        return self.op("Conv", inputs, pads=[k // 2] * 4, group=group, **attrs)
+
+    def bn(self, x, c, zero=()):
+        scale, beta = RNG.uniform(0.5, 1.5, c), RNG.standard_normal(c) * 0.1
+        mean, var = RNG.standard_normal(c) * 0.1, RNG.uniform(0.5, 1.5, c)
+        for i in zero:  # a zero channel stays zero through BN only with zero mean and beta
+            mean[i] = beta[i] = 0
+        return self.op("BatchNormalization", [x, self.w(scale), self.w(beta), self.w(mean), self.w(var)])
+
+    def gemm(self, x, k, n, zero=()):
+        w = RNG.standard_normal((n, k)) * 0.3
+        b = RNG.standard_normal(n) * 0.1
+        for c in zero:
+            w[c] = 0
+            b[c] = 0
+        return self.op("Gemm", [x, self.w(w), self.w(b)], transB=1)
+
+    def model(self, output):
+        graph = helper.make_graph(self.nodes, "g", self.inputs, [onnx.ValueInfoProto(name=output)], self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        model = onnx.shape_inference.infer_shapes(model)  # types the output
+        model.graph.ClearField("value_info")
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def feeds_for(model: onnx.ModelProto, count=6, seed=1):
+    rng = np.random.default_rng(seed)
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return [{model.graph.input[0].name: rng.standard_normal(dims).astype(np.float32)} for _ in range(count)]
+
+
+def prune(model, pipeline, feeds=None):
+    result = onnxcompress.compress(model, pipeline, calibration=feeds)
+    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
+    (entry,) = [p for p in result.report.passes if p.name == "prune-channels"]
+    return result, entry
+
+
+def outputs(model, feeds):
+    return [o for r in run_all(make_session(model), feeds) for o in r.values()]
+
+
+def assert_same_outputs(a, b, feeds, tol=1e-5):
+    for x, y in zip(outputs(a, feeds), outputs(b, feeds)):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol * max(1.0, float(np.abs(x).max())))
+
+
+def weight_shapes(model: ir.Model) -> dict[str, tuple]:
+    return {n.name: tuple(n.inputs[1].const_value.shape) for n in model.graph if n.op_type in ("Conv", "Gemm", "MatMul")}
+
+
+# -- graphs, one per coupling rule -------------------------------------------------------------
+
+
+def chain_bn():
+    n = Net([1, 3, 8, 8])
+    y = n.op("Relu", [n.bn(n.conv("x", 3, 8, zero=(2, 5)), 8, zero=(2, 5))])
+    return n.model(n.conv(y, 8, 4)), {"conv1": 6}
+
+
+def residual_add():
+    n = Net([1, 3, 8, 8])
+    a = n.op("Relu", [n.conv("x", 3, 8, zero=(1, 6))])
+    b = n.conv(a, 8, 8, zero=(1, 6))
+    s = n.op("Relu", [n.op("Add", [a, b])])
+    return n.model(n.conv(s, 8, 4)), {"conv1": 6, "conv2": 6}
+
+
+def concat_branches():
+    n = Net([1, 3, 8, 8])
+    a = n.op("Relu", [n.conv("x", 3, 4, zero=(1,))])
+    b = n.op("Relu", [n.conv("x", 3, 4, zero=(3,))])
+    c = n.op("Concat", [a, b], axis=1)
+    return n.model(n.conv(c, 8, 4)), {"conv1": 3, "conv2": 3}
+
+
+def split_branches():
+    n = Net([1, 3, 8, 8])
+    a = n.op("Relu", [n.conv("x", 3, 8, zero=(1, 6))])
+    p, q = n.op("Split", [a, n.w(np.array([4, 4]), "sizes")], n_out=2, axis=1)
+    n.inits[-1] = onnx.numpy_helper.from_array(np.array([4, 4], dtype=np.int64), "sizes")
+    s = n.op("Add", [n.conv(p, 4, 4), n.conv(q, 4, 4)])
+    return n.model(s), {"conv1": 6}
+
+
+def flatten_gemm():
+    n = Net([1, 3, 6, 6])
+    a = n.op("MaxPool", [n.op("Relu", [n.conv("x", 3, 4, zero=(2,))])], kernel_shape=[2, 2], strides=[2, 2])
+    f = n.op("Flatten", [a], axis=1)
+    h = n.op("Relu", [n.gemm(f, 36, 8, zero=(0, 7))])
+    return n.model(n.gemm(h, 8, 3)), {"conv1": 3, "gemm1": 6}
+
+
+def reshape_gemm():
+    n = Net([1, 3, 4, 4])
+    a = n.op("Relu", [n.conv("x", 3, 4, zero=(0,))])
+    shape = onnx.numpy_helper.from_array(np.array([1, 64], dtype=np.int64), "target")
+    n.inits.append(shape)
+    f = n.op("Reshape", [a, "target"])
+    return n.model(n.gemm(f, 64, 3)), {"conv1": 3}
+
+
+def depthwise():
+    n = Net([1, 3, 8, 8])
+    a = n.op("Relu", [n.conv("x", 3, 8, zero=(3, 4))])
+    d = n.op("Relu", [n.conv(a, 8, 8, group=8, zero=(3, 4))])
+    return n.model(n.conv(d, 8, 4, k=1)), {"conv1": 6}
+
+
+def per_channel_ops():
+    n = Net([1, 3, 8, 8])
+    a = n.conv("x", 3, 8, zero=(0, 4))
+    slope = n.w(RNG.uniform(0.1, 0.3, (8, 1, 1)))
+    b = n.op("PRelu", [a, slope])
+    m = n.op("Mul", [b, n.w(RNG.uniform(0.5, 2.0, (1, 8, 1, 1)))])
+    p = n.op("AveragePool", [m], kernel_shape=[2, 2], strides=[2, 2])
+    g = n.op("GlobalAveragePool", [p])
+    return n.model(n.conv(g, 8, 4, k=1)), {"conv1": 6}
+
+
+def transformer_ffn():
+    n = Net([1, 5, 8])
+    w1 = RNG.standard_normal((8, 16)) * 0.3
+    b1 = RNG.standard_normal(16) * 0.1
+    for c in (3, 9, 12, 15):
+        w1[:, c] = 0
+        b1[c] = 0
+    h = n.op("Add", [n.op("MatMul", ["x", n.w(w1)]), n.w(b1)])
+    g = n.op("Relu", [h])
+    y = n.op("MatMul", [g, n.w(RNG.standard_normal((16, 8)) * 0.3)])
+    return n.model(n.op("Add", ["x", y])), {"matmul1": 12}
+
+
+def conv_transpose():
+    n = Net([1, 3, 4, 4])
+    a = n.op("Relu", [n.conv("x", 3, 8, zero=(2, 3))])
+    w = RNG.standard_normal((8, 4, 2, 2)) * 0.3
+    t = n.op("ConvTranspose", [a, n.w(w), n.w(np.zeros(4))], strides=[2, 2])
+    return n.model(n.conv(n.op("Relu", [t]), 4, 2)), {"conv1": 6}
+
+
+GRAPHS = [chain_bn, residual_add, concat_branches, split_branches, flatten_gemm, reshape_gemm, depthwise,
+          per_channel_ops, transformer_ffn, conv_transpose]
+
+
+@pytest.mark.parametrize("build", GRAPHS, ids=[g.__name__ for g in GRAPHS])
+def test_removing_zero_channels_changes_no_output(build):
+    model, expected_out = build()
+    # Every zeroed source has a quarter of its channels zero; other sources are excluded.
+    keep = "|".join(n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")
+                    and n.name not in expected_out)
+    feeds = feeds_for(model)
+    options = "ratio=0.25" + (f',exclude="^({keep})$"' if keep else "")
+    result, entry = prune(model, f"prune-channels{{{options}}}")
+    assert entry.status == "changed"
+    assert_same_outputs(model, result.model, feeds)
+    shapes = weight_shapes(result.model)
+    for node, channels in expected_out.items():
+        source = next(n for n in result.model.graph if n.name == node)
+        axis = 1 if source.op_type == "MatMul" else 0
+        assert shapes[node][axis] == channels, (node, shapes[node])
+    assert result.report.final_cost["params"] < result.report.input_cost["params"]
+
+
+def test_split_sizes_follow_the_removed_channels():
+    model, _ = split_branches()
+    result, _ = prune(model, "prune-channels{ratio=0.25}")
+    split = next(n for n in result.model.graph if n.op_type == "Split")
+    assert split.inputs[1].const_value.numpy().tolist() == [3, 3]
+
+
+def test_concat_offsets_cut_the_right_consumer_rows():
+    model, _ = concat_branches()
+    result, _ = prune(model, "prune-channels{ratio=0.25}")
+    original = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    consumer = next(n for n in result.model.graph if n.name == "conv3")
+    kept = consumer.inputs[1].const_value.numpy()
+    # branch a lost its channel 1, branch b its channel 3 (index 4 + 3 = 7 of the concat)
+    consumer_weight = original[next(n.input[1] for n in model.graph.node if n.name == "conv3")]
+    np.testing.assert_array_equal(kept, consumer_weight[:, [0, 2, 3, 4, 5, 6]])
+
+
+def test_ratio_zero_is_a_no_op():
+    model, _ = chain_bn()
+    result = onnxcompress.compress(model, "lift-constants,fold-batchnorm,infer-shapes")
+    again = onnxcompress.compress(result.model, "prune-channels{ratio=0.0}")
+    entry = next(p for p in again.report.passes if p.name == "prune-channels")
+    assert entry.status == "unchanged" and entry.records == []
+
+
+def test_graph_output_and_unknown_ops_are_refused_with_reasons():
+    n = Net([1, 3, 8, 8])
+    a = n.conv("x", 3, 8)
+    s = n.op("Softmax", [a], axis=1)  # mixes channels: not understood as a pass-through
+    b = n.conv(s, 8, 4)
+    model = n.model(b)
+    result, entry = prune(model, "prune-channels{ratio=0.5}")
+    refused = {r.node: r.detail for r in entry.records if r.action == "refused"}
+    assert "Softmax" in refused["conv1"] and "does not handle" in refused["conv1"]
+    assert "reaches graph output" in refused["conv2"]
+    assert entry.status == "unchanged"
+    assert_same_outputs(model, result.model, feeds_for(model))
+
+
+def test_grouped_conv_is_refused():
+    n = Net([1, 4, 8, 8])
+    a = n.op("Relu", [n.conv("x", 4, 8)])
+    g = n.conv(a, 8, 8, group=2)
+    model = n.model(n.conv(g, 8, 2))
+    _, entry = prune(model, "prune-channels{ratio=0.5}")
+    refused = {r.node: r.detail for r in entry.records if r.action == "refused"}
+    assert "grouped conv" in refused["conv1"] and "grouped conv" in refused["conv2"]
+
+
+def test_exclude_keeps_matching_sources():
+    model, _ = residual_add()
+    _, entry = prune(model, "prune-channels{ratio=0.25,exclude=conv2}")
+    refused = {r.node: r.detail for r in entry.records if r.action == "refused"}
+    assert "excluded" in refused["conv1"] and "excluded" in refused["conv2"]  # coupled by the Add
+
+
+def test_min_channels_and_round_to():
+    n = Net([1, 3, 8, 8])
+    a = n.op("Relu", [n.conv("x", 3, 16)])
+    model = n.model(n.conv(a, 16, 2))
+    result, _ = prune(model, "prune-channels{ratio=0.6,round_to=8}")
+    assert weight_shapes(result.model)["conv1"][0] == 8  # 16 - 9 = 7 kept, rounded up to 8
+    result, _ = prune(model, "prune-channels{ratio=0.9,min_channels=4}")
+    assert weight_shapes(result.model)["conv1"][0] == 4
+
+
+def test_global_scope_ranks_across_groups():
+    n = Net([1, 3, 8, 8])
+    a = n.op("Relu", [n.conv("x", 3, 8)])
+    b = n.op("Relu", [n.conv(a, 8, 8)])
+    model = n.model(n.conv(b, 8, 2))
+    weights = {t.name: t for t in model.graph.initializer}
+    name = next(n.input[1] for n in model.graph.node if n.name == "conv2")
+    small = onnx.numpy_helper.to_array(weights[name]) * 0.01  # the second conv's filters are all tiny
+    weights[name].CopyFrom(onnx.numpy_helper.from_array(small.astype(np.float32), name))
+    _, entry = prune(model, "prune-channels{ratio=0.25,scope=global}")
+    removed = {r.node: r.detail for r in entry.records if r.action == "rewritten"}
+    # Normalised by each group's mean, the layer of tiny filters is not emptied first: 4 of the
+    # 16 channels go, spread over both layers by their relative importance.
+    counts = sorted(int(d.split()[1]) for d in removed.values())
+    assert sum(counts) == 4 and counts[-1] < 4
+
+
+def test_apoz_removes_channels_that_are_always_zero():
+    n = Net([1, 3, 8, 8])
+    w = RNG.standard_normal((8, 3, 3, 3)) * 0.5
+    b = np.zeros(8)
+    b[5] = -100.0  # channel 5 is dead after the ReLU, though its weights are large
+    w[5] *= 4
+    a = n.op("Relu", [n.op("Conv", ["x", n.w(w), n.w(b)], pads=[1, 1, 1, 1])])
+    model = n.model(n.conv(a, 8, 2))
+    feeds = feeds_for(model)
+    result, _ = prune(model, "prune-channels{ratio=0.125,importance=apoz}", feeds)
+    assert min(shape[0] for shape in weight_shapes(result.model).values()) == 2
+    assert sorted(s[0] for s in weight_shapes(result.model).values()) == [2, 7]
+    assert_same_outputs(model, result.model, feeds)  # the dead channel contributed nothing
+    l1, _ = prune(model, "prune-channels{ratio=0.125,importance=l1}", feeds)
+    out = outputs(model, feeds)[0]
+    assert np.abs(outputs(l1.model, feeds)[0] - out).max() > 1e-3  # l1 removes a live channel instead
+
+
+def test_lasso_finds_channels_the_next_layer_ignores():
+    n = Net([1, 3, 8, 8])
+    a = n.op("Relu", [n.conv("x", 3, 8)])
+    w2 = RNG.standard_normal((4, 8, 3, 3)) * 0.5
+    w2[:, 2] = 0  # the next layer ignores channel 2, whatever its own weights
+    model = n.model(n.op("Conv", [a, n.w(w2), n.w(np.zeros(4))], pads=[1, 1, 1, 1]))
+    weights = {t.name: t for t in model.graph.initializer}
+    big = onnx.numpy_helper.to_array(weights["w1"]).copy()
+    big[2] *= 10
+    weights["w1"].CopyFrom(onnx.numpy_helper.from_array(big, "w1"))
+    feeds = feeds_for(model)
+    result, _ = prune(model, "prune-channels{ratio=0.125,importance=lasso}", feeds)
+    assert_same_outputs(model, result.model, feeds)
+
+
+def test_reconstruction_beats_plain_pruning():
+    n = Net([1, 3, 8, 8])
+    a = n.op("Relu", [n.conv("x", 3, 16)])
+    b = n.op("Relu", [n.conv(a, 16, 16)])
+    model = n.model(n.conv(b, 16, 4))
+    feeds = feeds_for(model, count=16)
+    held_out = feeds_for(model, count=8, seed=99)
+    ref = outputs(model, held_out)
+
+    def error(m):
+        return sum(float(np.linalg.norm(x - r)) for x, r in zip(outputs(m, held_out), ref))
+
+    plain, _ = prune(model, "prune-channels{ratio=0.5}", feeds)
+    refit, entry = prune(model, "prune-channels{ratio=0.5,reconstruct=true}", feeds)
+    assert error(refit.model) < 0.8 * error(plain.model)
+    details = [r.detail for r in entry.records if "refitted" in r.detail]
+    assert len(details) == 2
+
+
+def test_reconstruction_of_zero_channels_stays_exact():
+    model, _ = chain_bn()
+    feeds = feeds_for(model, count=8)
+    result, _ = prune(model, "prune-channels{ratio=0.25,reconstruct=true}", feeds)
+    assert_same_outputs(model, result.model, feeds, tol=1e-4)
+
+
+def test_data_methods_need_calibration():
+    model, _ = chain_bn()
+    from onnxcompress.errors import PassFailure
+
+    with pytest.raises(PassFailure, match="needs calibration data"):
+        onnxcompress.compress(model, "prune-channels{importance=apoz}")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("prune-channels{ratio=1.0}", "ratio' must lie in"),
+        ("prune-channels{round_to=0}", "round_to' must be at least 1"),
+        ("prune-channels{importance=l3}", "must be one of l1|l2|apoz|lasso"),
+        ("prune-channels{exclude=(}", "not a valid regular expression"),
+    ],
+)
+def test_bad_options(text, message):
+    with pytest.raises(OptionError, match=message):
+        Pipeline.parse(text)
+
+
+def test_prerequisites_are_inserted():
+    assert str(Pipeline.parse("prune-channels")) == "lift-constants,fold-batchnorm,infer-shapes,prune-channels"
+
+
+def test_channel_groups_of_a_residual_couple_both_sources():
+    model, _ = residual_add()
+    result = onnxcompress.compress(model, "lift-constants,infer-shapes")
+    groups = channel_groups(result.model)
+    coupled = [g for g in groups.groups if len(groups.sources_of_group(g)) == 2]
+    assert len(coupled) == 1 and len(coupled[0]) == 8
