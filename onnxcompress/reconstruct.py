@@ -14,6 +14,8 @@ import onnx_ir as ir
 from onnxcompress.activations import capture
 
 MAX_ROWS = 40_000
+# Fewer rows than this many per input would let the fit memorise the calibration data.
+MIN_ROWS_PER_INPUT = 4
 RIDGE = 1e-3  # relative to the mean input energy
 
 
@@ -154,6 +156,10 @@ def reconstruct_sinks(original: ir.Model, pruned: ir.Model, groups, removed: set
         bias_value = node.inputs[2] if len(node.inputs) > 2 else None
         if bias_value is None or bias_value.const_value is None or bias_value.const_value.size != y.shape[1]:
             has_bias = False  # no per-channel bias to put it in: fit the weight alone
+        if rows.shape[0] < MIN_ROWS_PER_INPUT * rows.shape[1]:
+            yield node, (f"not refitted: {rows.shape[0]} calibration rows for {rows.shape[1]} inputs "
+                         f"(a fit needs {MIN_ROWS_PER_INPUT}x as many rows; give more calibration samples)")
+            continue
         if rows.shape[0] > MAX_ROWS:
             pick = rng.choice(rows.shape[0], MAX_ROWS, replace=False)
             rows, y = rows[pick], y[pick]

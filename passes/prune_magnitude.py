@@ -1,0 +1,474 @@
+"""prune-magnitude: zero the smallest weights of Conv/ConvTranspose/Gemm/MatMul initializers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxcompress.options import PassOptions, option
+from onnxcompress.pass_base import Candidate, CompressionPass, node_label
+from onnxcompress.registry import register
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+# Tensor metadata asking the save layer to store this initializer as an ONNX sparse tensor.
+STORAGE_KEY = "onnxcompress.storage"
+STORAGE_SPARSE = "sparse"
+# COO storage as ONNX requires it: one int64 linear index per stored value.
+INDEX_BYTES = 8
+SPARSE_MIN_OPSET = 11  # Constant(sparse_value)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneMagnitudeOptions(PassOptions):
+    sparsity: float = option(
+        0.5, "share of each weight's elements (scope=global: of all eligible weights) that end up zero, "
+        "in [0, 1); the count is rounded down"
+    )
+    scope: Literal["layer", "global"] = option(
+        "layer", "one magnitude threshold per weight (layer), or one over all eligible weights (global)"
+    )
+    min_elements: int = option(1024, "leave weights with fewer elements than this alone")
+    pattern: str = option(
+        "", "N:M structured sparsity (e.g. 2:4): keep the N largest of every M consecutive weights along "
+        "the reduction axis; implies sparsity 1-N/M"
+    )
+    sparse_storage: bool = option(
+        False, "mark pruned weights to be saved as ONNX sparse tensors (Constant sparse_value) where that "
+        "is smaller than dense"
+    )
+    exclude: str = option("", "regular expression: weights of nodes whose name matches are left alone")
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity < 1.0:
+            self.fail("sparsity", f"must lie in [0, 1), got {self.sparsity}")
+        if self.min_elements < 0:
+            self.fail("min_elements", f"must be at least 0, got {self.min_elements}")
+        if self.exclude:
+            try:
+                re.compile(self.exclude)
+            except re.error as exc:
+                self.fail("exclude", f"is not a valid regular expression: {exc}")
+        if self.pattern:
+            n, m = self._parse_pattern()
+            implied = 1.0 - n / m
+            if self.sparsity not in (0.5, implied):  # 0.5: the default, i.e. not given
+                self.fail("sparsity", f"{self.sparsity} contradicts pattern={self.pattern}, which implies {implied:g}")
+            if self.scope == "global":
+                self.fail("scope", f"global has no meaning with pattern={self.pattern} "
+                          f"(each group of {m} is pruned alone)")
+
+    def _parse_pattern(self) -> tuple[int, int]:
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", self.pattern)
+        if match is None or not 0 < int(match[1]) < int(match[2]):
+            self.fail("pattern", f"must be 'N:M' with 0 < N < M (e.g. 2:4), got '{self.pattern}'")
+        return int(match[1]), int(match[2])
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of the pattern, or None."""
+        return self._parse_pattern() if self.pattern else None
+
+    @property
+    def target(self) -> float:
+        """The sparsity asked for: the pattern's 1 - N/M, else ``sparsity``."""
+        nm = self.nm
+        return 1.0 - nm[0] / nm[1] if nm else self.sparsity
+
+
+@dataclasses.dataclass
+class Weight:
+    """One prunable weight tensor and the nodes that use it as their weight input."""
+
+    value: ir.Value
+    nodes: list[ir.Node]
+    axis: int  # reduction axis (N:M groups run along it)
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.value.const_value.numpy()
+
+
+@register
+class PruneMagnitude(CompressionPass):
+    """Zero the smallest-magnitude weights of Conv/ConvTranspose/Gemm/MatMul initializers.
+
+    The weight input (input 1) of each such node, when it is a float initializer of at least
+    ``min_elements`` elements, gets its ``floor(sparsity * n)`` smallest |w| set to zero
+    (``scope=layer``), or all eligible weights share one threshold chosen so that exactly
+    ``floor(sparsity * total)`` of their elements are zero (``scope=global``; ties at the
+    threshold are broken by position). ``pattern=N:M`` instead keeps the N largest |w| of
+    every M consecutive weights along the reduction axis (Conv: axis 1, ConvTranspose: 0,
+    Gemm: 0 or 1 per transB, MatMul: -2), which must be a multiple of M. A weight shared
+    by several nodes is one tensor and is pruned once. Biases are never touched. Each
+    pruned weight becomes a new tensor in a new initializer of the same name.
+
+    Exact limits: sparsity 0 changes nothing and reports ``modified=False``; weights that
+    are already zero stay zero and count towards the target, so a layer ends with
+    ``max(zeros before, floor(sparsity * n))`` zeros. Refused, with the reason: weights
+    that are graph inputs or outputs, not float, also read by another kind of input,
+    too small, excluded, or (with a pattern) of a reduction length not divisible by M.
+
+    ``sparse_storage=true`` marks each weight whose COO form (values + int64 indices,
+    as ONNX requires) is smaller than its dense form with tensor metadata
+    ``onnxcompress.storage=sparse``. onnx_ir cannot hold sparse tensors, so the model in
+    memory stays dense and numerically the same; :func:`to_sparse_storage` turns the
+    marked initializers of a serialized model into ``Constant(sparse_value)`` nodes, which
+    onnxruntime densifies when it loads the model (same outputs, bit for bit), and
+    :func:`from_sparse_storage` turns them back for loading through onnx_ir.
+    """
+
+    name = "prune-magnitude"
+    Options = PruneMagnitudeOptions
+    prerequisites = ("lift-constants", "fold-batchnorm")
+    lossless = False
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.options.target == 0.0:
+            return ir.passes.PassResult(model, modified=False)
+        weights = self._eligible(model, record=True)
+        masks = self._masks(weights)
+        opset_ok = model.opset_imports.get("", 1) >= SPARSE_MIN_OPSET
+        if self.options.sparse_storage and not opset_ok:
+            self.note(f"sparse storage needs opset >= {SPARSE_MIN_OPSET} (Constant sparse_value); weights stay dense")
+        totals = _Totals()
+        for weight, mask in zip(weights, masks):
+            self._apply(weight, mask, totals, self.options.sparse_storage and opset_ok)
+        self._summarise(totals)
+        return ir.passes.PassResult(model, modified=totals.changed > 0)
+
+    def candidates(self, model: ir.Model) -> list[Candidate]:
+        found = []
+        for weight in self._eligible(model, record=False):
+            array = weight.array
+            node = weight.nodes[0]
+            what = (f"weight '{weight.value.name}' {list(array.shape)}: {array.size} elements, "
+                    f"{_zero_share(array):.1%} zero now")
+            found.append(Candidate(self.name, node_label(node), node.op_type, what))
+        return found
+
+    # ------------------------------------------------------------------ selection
+
+    def _eligible(self, model: ir.Model, record: bool) -> list[Weight]:
+        """The weights this pass may prune; the others are refused (when ``record``)."""
+        weights: dict[int, Weight] = {}
+        reasons: dict[int, str] = {}
+        exclude = re.compile(self.options.exclude) if self.options.exclude else None
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+                continue
+            value = node.inputs[1]
+            reason = _static_refusal(value)
+            if reason is not None and (value is None or value.const_value is None):
+                if record:
+                    self.refused(node, reason)
+                continue
+            if reason is None and exclude is not None and exclude.search(node.name or ""):
+                reason = f"excluded by exclude={self.options.exclude}"
+            axis = _reduction_axis(node, value.const_value.shape.rank())
+            weight = weights.setdefault(id(value), Weight(value, [], axis))
+            weight.nodes.append(node)
+            if reason is not None:
+                reasons.setdefault(id(value), reason)
+        eligible = []
+        for key, weight in weights.items():
+            reason = reasons.get(key) or self._size_refusal(weight)
+            if reason is None:
+                eligible.append(weight)
+            elif record:
+                for node in weight.nodes:
+                    self.refused(node, reason)
+        return eligible
+
+    def _size_refusal(self, weight: Weight) -> str | None:
+        """Why the weight is too small or does not fit the N:M pattern, or None."""
+        shape = weight.value.const_value.shape
+        size = math.prod(shape.numpy())
+        if size < self.options.min_elements:
+            return f"only {size} elements (< min_elements={self.options.min_elements})"
+        if not self.options.nm:
+            return None
+        m = self.options.nm[1]
+        axes = {_reduction_axis(node, shape.rank()) for node in weight.nodes}
+        if len(axes) > 1:
+            return (f"weight '{weight.value.name}' is shared by nodes that reduce over different axes; "
+                    f"no {self.options.pattern} layout fits all")
+        if shape[weight.axis] % m:
+            return (f"reduction axis {weight.axis} has length {shape[weight.axis]}, "
+                    f"not a multiple of {m} (pattern={self.options.pattern})")
+        return None
+
+    # ------------------------------------------------------------------ masks
+
+    def _masks(self, weights: list[Weight]) -> list[np.ndarray]:
+        """For each weight, a boolean array: True where the element is set to zero."""
+        if not weights:
+            return []
+        if self.options.nm:
+            n, m = self.options.nm
+            return [nm_mask(_magnitude(w.array), w.axis, n, m) for w in weights]
+        if self.options.scope == "global":
+            return global_masks([_magnitude(w.array) for w in weights], self.options.sparsity)
+        return [layer_mask(_magnitude(w.array), self.options.sparsity) for w in weights]
+
+    # ------------------------------------------------------------------ rewriting
+
+    def _apply(self, weight: Weight, mask: np.ndarray, totals: _Totals, sparse_storage: bool) -> None:
+        array = weight.array
+        before = int(np.count_nonzero(array == 0))
+        pruned = array.copy()  # a new array: the old tensor may be shared or memory-mapped
+        pruned[mask] = 0
+        after = int(np.count_nonzero(pruned == 0))
+        changed = after > before
+        was_marked = weight.value.const_value.metadata_props.get(STORAGE_KEY) == STORAGE_SPARSE
+        mark, stored, storage_text = _storage(array, after, sparse_storage, was_marked)
+        totals.add(array.size, before, after, array.nbytes, stored)
+        if not changed and mark == was_marked:
+            reason = (f"already satisfies the {self.options.pattern} pattern" if self.options.nm
+                      else f"already {before / array.size:.1%} zero, at or above the target")
+            for node in weight.nodes:
+                self.refused(node, reason)
+            return
+        _replace_weight(weight.value, pruned if changed else array, mark)
+        totals.changed += 1
+        if after == array.size:
+            self.note(f"weight '{weight.value.name}' is now entirely zero")
+        for node in weight.nodes:
+            self.rewrote(node, self._detail(weight, before, after, array.size) + storage_text)
+
+    def _detail(self, weight: Weight, before: int, after: int, size: int) -> str:
+        text = f"sparsity {before / size:.1%} -> {after / size:.1%} ({after} of {size} zero"
+        if self.options.nm:
+            text += f", {self.options.pattern} along axis {weight.axis}"
+        text += ")"
+        if len(weight.nodes) > 1:
+            text += f"; weight '{weight.value.name}' shared by {len(weight.nodes)} nodes, pruned once"
+        return text
+
+    def _summarise(self, totals: _Totals) -> None:
+        if not totals.elements:
+            return
+        self.note(f"{totals.changed} weights rewritten; their sparsity {totals.zeros_before / totals.elements:.1%} -> "
+                  f"{totals.zeros_after / totals.elements:.1%} ({totals.zeros_after} of {totals.elements} zero)")
+        if self.options.sparse_storage:
+            delta = totals.stored - totals.dense
+            self.note(f"file size with sparse storage (on save): {totals.dense} B -> {totals.stored} B of these "
+                      f"weights ({delta:+d} B) once to_sparse_storage runs at save; the in-memory model stays dense")
+        else:
+            self.note(f"file size unchanged ({totals.dense} B of these weights stay dense); "
+                      "sparse_storage=true or pack would shrink it")
+
+
+@dataclasses.dataclass
+class _Totals:
+    elements: int = 0
+    zeros_before: int = 0
+    zeros_after: int = 0
+    dense: int = 0
+    stored: int = 0
+    changed: int = 0
+
+    def add(self, elements: int, before: int, after: int, dense: int, stored: int) -> None:
+        self.elements += elements
+        self.zeros_before += before
+        self.zeros_after += after
+        self.dense += dense
+        self.stored += stored
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _storage(array: np.ndarray, zeros: int, sparse_storage: bool, was_marked: bool) -> tuple[bool, int, str]:
+    """Whether to mark the weight for sparse storage, the bytes it will take, and a report text."""
+    dense, coo = array.nbytes, _coo_bytes(zeros, array)
+    if not sparse_storage:
+        return was_marked, dense, ""  # a mark set by an earlier run is kept (and rechecked on save)
+    if coo < dense:
+        return True, coo, f"; sparse storage {dense} B -> {coo} B"
+    return False, dense, f"; kept dense: sparse storage would take {coo} B >= {dense} B"
+
+
+def _static_refusal(value: ir.Value | None) -> str | None:
+    """Why the weight input ``value`` cannot be pruned whatever the options, or None."""
+    if value is None or value.const_value is None or not value.is_initializer():
+        return "weight input is not an initializer"
+    if value.is_graph_input():
+        return f"weight '{value.name}' is also a graph input (it may be overridden at run time)"
+    if value.is_graph_output():
+        return f"weight '{value.name}' is also a graph output"
+    if value.const_value.dtype not in FLOAT_TYPES:
+        return f"weight '{value.name}' is {value.const_value.dtype.name}, not a float type"
+    for use in value.uses():
+        if use.node.op_type not in WEIGHT_OPS or use.idx != 1:
+            return (f"weight '{value.name}' is also input {use.idx} of {use.node.op_type} "
+                    f"'{node_label(use.node)}'; pruning would change that too")
+    return None
+
+
+def _reduction_axis(node: ir.Node, rank: int) -> int:
+    """The axis of the weight that the node sums over (where N:M groups lie)."""
+    if node.op_type == "Conv":
+        return 1
+    if node.op_type == "ConvTranspose":
+        return 0
+    if node.op_type == "Gemm":
+        attr = node.attributes.get("transB")
+        return 1 if attr is not None and attr.as_int() else 0
+    return rank - 2 if rank >= 2 else 0  # MatMul: [..., K, N]
+
+
+def _magnitude(array: np.ndarray) -> np.ndarray:
+    """|array| in float32 (float64 for double weights), so that all dtypes compare."""
+    dtype = np.float64 if array.dtype == np.float64 else np.float32
+    return np.abs(array.astype(dtype, copy=False))
+
+
+def _zero_share(array: np.ndarray) -> float:
+    return float(np.count_nonzero(array == 0)) / array.size if array.size else 0.0
+
+
+def layer_mask(magnitude: np.ndarray, sparsity: float) -> np.ndarray:
+    """True at exactly the ``floor(sparsity * n)`` smallest entries (zeros come first)."""
+    flat = magnitude.ravel()
+    k = int(math.floor(sparsity * flat.size))
+    mask = np.zeros(flat.size, dtype=bool)
+    if k > 0:
+        mask[np.argpartition(flat, k - 1)[:k]] = True
+    return mask.reshape(magnitude.shape)
+
+
+def global_masks(magnitudes: list[np.ndarray], sparsity: float) -> list[np.ndarray]:
+    """One threshold over all tensors: exactly ``floor(sparsity * total)`` entries are True.
+
+    Everything strictly below the k-th smallest magnitude is pruned; ties at it are pruned
+    in order (tensor by tensor, row-major) until the count is reached.
+    """
+    dtype = np.result_type(*magnitudes)
+    everything = np.concatenate([m.ravel().astype(dtype, copy=False) for m in magnitudes])
+    k = int(math.floor(sparsity * everything.size))
+    if k == 0:
+        return [np.zeros(m.shape, dtype=bool) for m in magnitudes]
+    threshold = np.partition(everything, k - 1)[k - 1]
+    mask = everything < threshold
+    ties = np.flatnonzero(everything == threshold)
+    mask[ties[: k - int(np.count_nonzero(mask))]] = True
+    del everything
+    ends = np.cumsum([m.size for m in magnitudes])[:-1]
+    return [part.reshape(m.shape) for part, m in zip(np.split(mask, ends), magnitudes)]
+
+
+def nm_mask(magnitude: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
+    """True at the M-N smallest of every M consecutive entries along ``axis`` (ties: later ones)."""
+    moved = np.moveaxis(magnitude, axis, -1)
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+    order = np.argsort(-groups, axis=-1, kind="stable")  # largest first, ties in position order
+    drop = np.zeros(groups.shape, dtype=bool)
+    np.put_along_axis(drop, order[..., n:], True, axis=-1)
+    return np.moveaxis(drop.reshape(moved.shape), -1, axis)
+
+
+def _coo_bytes(zeros: int, array: np.ndarray) -> int:
+    """Bytes of the ONNX COO form: each non-zero value plus its int64 linear index."""
+    return (array.size - zeros) * (array.itemsize + INDEX_BYTES)
+
+
+def _replace_weight(old: ir.Value, array: np.ndarray, sparse: bool) -> None:
+    """A new tensor in a new initializer of the same name takes the old one's place."""
+    graph = old.graph
+    tensor = ir.tensor(array, dtype=old.const_value.dtype, name=old.name)
+    if sparse:
+        tensor.metadata_props[STORAGE_KEY] = STORAGE_SPARSE
+    new = ir.Value(name=old.name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    new.metadata_props.update(old.metadata_props)
+    old.replace_all_uses_with(new)
+    graph.initializers.pop(old.name)
+    graph.register_initializer(new)
+
+
+# ---------------------------------------------------------------------- storage (protobuf level)
+
+
+def to_sparse_storage(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Store the marked dense initializers of the main graph as ``Constant(sparse_value)`` nodes.
+
+    Only initializers whose tensor metadata says ``onnxcompress.storage=sparse``, that are
+    not graph inputs, and whose COO form (int64 linear indices) is still smaller than the
+    dense one are converted. Modifies ``proto`` in place and returns it. onnxruntime turns
+    the constants back into dense tensors when it loads the model.
+    """
+    graph = proto.graph
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset < SPARSE_MIN_OPSET:
+        return proto
+    inputs = {i.name for i in graph.input}
+    keep, constants = [], []
+    for tensor in graph.initializer:
+        marked = any(p.key == STORAGE_KEY and p.value == STORAGE_SPARSE for p in tensor.metadata_props)
+        sparse = _sparse_proto(tensor) if marked and tensor.name not in inputs else None
+        if sparse is None:
+            keep.append(tensor)
+        else:
+            constants.append(onnx.helper.make_node("Constant", [], [tensor.name], name=f"{tensor.name}.sparse",
+                                                   sparse_value=sparse))
+    if constants:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        nodes = constants + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return proto
+
+
+def _sparse_proto(tensor: onnx.TensorProto) -> onnx.SparseTensorProto | None:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    array = onnx.numpy_helper.to_array(tensor)
+    flat = array.ravel()
+    index = np.flatnonzero(flat)
+    if index.size * (array.itemsize + INDEX_BYTES) >= array.nbytes:
+        return None
+    values = onnx.numpy_helper.from_array(flat[index], tensor.name)
+    values.data_type = tensor.data_type
+    indices = onnx.numpy_helper.from_array(index.astype(np.int64), "")
+    return onnx.helper.make_sparse_tensor(values, indices, list(array.shape))
+
+
+def from_sparse_storage(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn ``Constant(sparse_value)`` nodes and ``sparse_initializer`` entries of the main graph
+    into dense initializers, so that onnx_ir (which cannot hold sparse tensors) can load the model.
+    Modifies ``proto`` in place and returns it."""
+    graph = proto.graph
+    dense = [_dense_proto(s, s.values.name) for s in graph.sparse_initializer]
+    nodes = []
+    for node in graph.node:
+        attr = next((a for a in node.attribute if a.name == "sparse_value"), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and attr is not None:
+            dense.append(_dense_proto(attr.sparse_tensor, node.output[0]))
+        else:
+            nodes.append(node)
+    if dense:
+        del graph.sparse_initializer[:]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(dense)
+    return proto
+
+
+def _dense_proto(sparse: onnx.SparseTensorProto, name: str) -> onnx.TensorProto:
+    values = onnx.numpy_helper.to_array(sparse.values)
+    indices = onnx.numpy_helper.to_array(sparse.indices)
+    dims = tuple(sparse.dims)
+    flat = np.zeros(math.prod(dims), dtype=values.dtype)
+    if indices.ndim == 2:
+        indices = np.ravel_multi_index(tuple(indices.T), dims)
+    flat[indices] = values
+    tensor = onnx.numpy_helper.from_array(flat.reshape(dims), name)
+    tensor.data_type = sparse.values.data_type
+    return tensor
