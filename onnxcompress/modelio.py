@@ -19,6 +19,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from onnxcompress.errors import ModelLoadError, UnsafeExternalData
+from onnxcompress.sparse_storage import from_sparse_storage, has_sparse_marks, to_sparse_storage
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Initializer bytes above which a model is saved with external data.
@@ -35,6 +36,10 @@ def load_model(source) -> ir.Model:
         check_structure(source)  # before cloning: the cloner cannot copy a cycle
         model = source.clone()
     elif isinstance(source, onnx.ModelProto):
+        if _has_sparse(source):  # onnx_ir cannot hold sparse tensors: densify a copy
+            copy = onnx.ModelProto()
+            copy.CopyFrom(source)
+            source = from_sparse_storage(copy)
         model = ir.serde.deserialize_model(source)
     elif isinstance(source, (str, os.PathLike)):
         model = _load_path(Path(source))
@@ -60,9 +65,15 @@ def _load_path(path: Path) -> ir.Model:
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise ModelLoadError(f"{path}: not a valid ONNX model (no graph)")
     _check_external_data(proto, path.parent)
-    model = ir.serde.deserialize_model(proto)
+    model = ir.serde.deserialize_model(from_sparse_storage(proto))
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model
+
+
+def _has_sparse(proto: onnx.ModelProto) -> bool:
+    return bool(proto.graph.sparse_initializer) or any(
+        a.name == "sparse_value" for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute
+    )
 
 
 def _all_tensors(graph: onnx.GraphProto):
@@ -165,7 +176,9 @@ def save_model(model: ir.Model, path, *, external_data: str | bool | None = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        if external_data:
+        if has_sparse_marks(model) and not external_data:
+            onnx.save(to_sparse_storage(ir.to_proto(model)), tmp)
+        elif external_data:
             # onnx_ir writes the data file atomically itself; the graph goes via the temp name.
             ir.save(model, tmp, external_data=external_data)
         else:

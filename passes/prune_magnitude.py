@@ -8,21 +8,17 @@ import re
 from typing import Literal
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 from onnxcompress.registry import register
+from onnxcompress.sparse_storage import INDEX_BYTES, SPARSE_MIN_OPSET, STORAGE_KEY, STORAGE_SPARSE
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 # Tensor metadata asking the save layer to store this initializer as an ONNX sparse tensor.
-STORAGE_KEY = "onnxcompress.storage"
-STORAGE_SPARSE = "sparse"
 # COO storage as ONNX requires it: one int64 linear index per stored value.
-INDEX_BYTES = 8
-SPARSE_MIN_OPSET = 11  # Constant(sparse_value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +114,10 @@ class PruneMagnitude(CompressionPass):
     ``sparse_storage=true`` marks each weight whose COO form (values + int64 indices,
     as ONNX requires) is smaller than its dense form with tensor metadata
     ``onnxcompress.storage=sparse``. onnx_ir cannot hold sparse tensors, so the model in
-    memory stays dense and numerically the same; :func:`to_sparse_storage` turns the
-    marked initializers of a serialized model into ``Constant(sparse_value)`` nodes, which
-    onnxruntime densifies when it loads the model (same outputs, bit for bit), and
-    :func:`from_sparse_storage` turns them back for loading through onnx_ir.
+    memory stays dense and numerically the same;  saving (``onnxcompress.sparse_storage``)
+    writes the marked initializers as ``Constant(sparse_value)`` nodes, which onnxruntime
+    densifies when it loads the model (same outputs, bit for bit), and loading turns them
+    back into marked dense initializers.
     """
 
     name = "prune-magnitude"
@@ -259,7 +255,7 @@ class PruneMagnitude(CompressionPass):
         if self.options.sparse_storage:
             delta = totals.stored - totals.dense
             self.note(f"file size with sparse storage (on save): {totals.dense} B -> {totals.stored} B of these "
-                      f"weights ({delta:+d} B) once to_sparse_storage runs at save; the in-memory model stays dense")
+                      f"weights ({delta:+d} B) when saved; the in-memory model stays dense")
         else:
             self.note(f"file size unchanged ({totals.dense} B of these weights stay dense); "
                       "sparse_storage=true or pack would shrink it")
@@ -390,85 +386,3 @@ def _replace_weight(old: ir.Value, array: np.ndarray, sparse: bool) -> None:
     old.replace_all_uses_with(new)
     graph.initializers.pop(old.name)
     graph.register_initializer(new)
-
-
-# ---------------------------------------------------------------------- storage (protobuf level)
-
-
-def to_sparse_storage(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Store the marked dense initializers of the main graph as ``Constant(sparse_value)`` nodes.
-
-    Only initializers whose tensor metadata says ``onnxcompress.storage=sparse``, that are
-    not graph inputs, and whose COO form (int64 linear indices) is still smaller than the
-    dense one are converted. Modifies ``proto`` in place and returns it. onnxruntime turns
-    the constants back into dense tensors when it loads the model.
-    """
-    graph = proto.graph
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
-    if opset < SPARSE_MIN_OPSET:
-        return proto
-    inputs = {i.name for i in graph.input}
-    keep, constants = [], []
-    for tensor in graph.initializer:
-        marked = any(p.key == STORAGE_KEY and p.value == STORAGE_SPARSE for p in tensor.metadata_props)
-        sparse = _sparse_proto(tensor) if marked and tensor.name not in inputs else None
-        if sparse is None:
-            keep.append(tensor)
-        else:
-            constants.append(onnx.helper.make_node("Constant", [], [tensor.name], name=f"{tensor.name}.sparse",
-                                                   sparse_value=sparse))
-    if constants:
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-        nodes = constants + list(graph.node)
-        del graph.node[:]
-        graph.node.extend(nodes)
-    return proto
-
-
-def _sparse_proto(tensor: onnx.TensorProto) -> onnx.SparseTensorProto | None:
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return None
-    array = onnx.numpy_helper.to_array(tensor)
-    flat = array.ravel()
-    index = np.flatnonzero(flat)
-    if index.size * (array.itemsize + INDEX_BYTES) >= array.nbytes:
-        return None
-    values = onnx.numpy_helper.from_array(flat[index], tensor.name)
-    values.data_type = tensor.data_type
-    indices = onnx.numpy_helper.from_array(index.astype(np.int64), "")
-    return onnx.helper.make_sparse_tensor(values, indices, list(array.shape))
-
-
-def from_sparse_storage(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Turn ``Constant(sparse_value)`` nodes and ``sparse_initializer`` entries of the main graph
-    into dense initializers, so that onnx_ir (which cannot hold sparse tensors) can load the model.
-    Modifies ``proto`` in place and returns it."""
-    graph = proto.graph
-    dense = [_dense_proto(s, s.values.name) for s in graph.sparse_initializer]
-    nodes = []
-    for node in graph.node:
-        attr = next((a for a in node.attribute if a.name == "sparse_value"), None)
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and attr is not None:
-            dense.append(_dense_proto(attr.sparse_tensor, node.output[0]))
-        else:
-            nodes.append(node)
-    if dense:
-        del graph.sparse_initializer[:]
-        del graph.node[:]
-        graph.node.extend(nodes)
-        graph.initializer.extend(dense)
-    return proto
-
-
-def _dense_proto(sparse: onnx.SparseTensorProto, name: str) -> onnx.TensorProto:
-    values = onnx.numpy_helper.to_array(sparse.values)
-    indices = onnx.numpy_helper.to_array(sparse.indices)
-    dims = tuple(sparse.dims)
-    flat = np.zeros(math.prod(dims), dtype=values.dtype)
-    if indices.ndim == 2:
-        indices = np.ravel_multi_index(tuple(indices.T), dims)
-    flat[indices] = values
-    tensor = onnx.numpy_helper.from_array(flat.reshape(dims), name)
-    tensor.data_type = sparse.values.data_type
-    return tensor
