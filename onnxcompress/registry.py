@@ -48,3 +48,8 @@ def pass_names() -> list[str]:
 
 def all_passes() -> list[type]:
     return [_PASSES[n] for n in pass_names()]
+
+
+def builtin_passes() -> list[type]:
+    """The passes that ship with onnxcompress (not ones registered by user code or tests)."""
+    return [c for c in all_passes() if c.__module__.startswith("onnxcompress.passes.")]

@@ -90,10 +90,11 @@ def test_drift_fail_stops_and_writes_a_reproducer(tmp_path):
     assert "--drift-budget sqnr=40" in (folder / "README.txt").read_text()
     # The reproducer's model is the one before the failing pass, and re-running the
     # failing pass on it with its feeds fails the same way.
+    assert "--reference reference.onnx" in (folder / "README.txt").read_text()
     with pytest.raises(PassFailure, match="drift over budget"):
         onnxcompress.compress(folder / "model.onnx", (folder / "pipeline.txt").read_text().strip(),
                               calibration=folder / "feeds", drift="sqnr=40", on_drift="fail",
-                              reproducer_dir=tmp_path / "again")
+                              reference=folder / "reference.onnx", reproducer_dir=tmp_path / "again")
 
 
 def test_a_raising_pass_becomes_pass_failure_with_reproducer(tmp_path):

@@ -1,6 +1,7 @@
 """reproducer: when a pass fails, write what it takes to make it fail again.
 
 The folder holds ``model.onnx`` (the model as it was before the failing pass),
+``reference.onnx`` (the model the pipeline started from: drift is measured against it),
 ``pipeline.txt`` (the failing pass with its options), ``full_pipeline.txt``, ``feeds/``
 (the calibration feeds, one .npz each), ``error.txt`` and ``README.txt`` with the command
 that reproduces the failure.
@@ -39,6 +40,7 @@ class Reproducer(Instrument):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         folder = Path(tempfile.mkdtemp(prefix=f"onnxcompress-repro-{entry.name}-{stamp}-", dir=self.parent))
         save_model(state.before, folder / "model.onnx")
+        save_model(state.original, folder / "reference.onnx")
         (folder / "pipeline.txt").write_text(entry.spec + "\n")
         (folder / "full_pipeline.txt").write_text(state.pipeline + "\n")
         error = state.error
@@ -49,7 +51,7 @@ class Reproducer(Instrument):
             save_feeds(state.feeds, folder / "feeds")
             command += ["--calib", "feeds"]
         if self.budget:
-            command += ["--drift-budget", self.budget, "--on-drift", "fail"]
+            command += ["--drift-budget", self.budget, "--on-drift", "fail", "--reference", "reference.onnx"]
         (folder / "README.txt").write_text(
             f"pass '{entry.spec}' failed: {entry.reason}\n\nreproduce in this folder with:\n  {shlex.join(command)}\n"
         )
