@@ -14,8 +14,6 @@ import onnx_ir as ir
 from onnxcompress.activations import capture
 
 MAX_ROWS = 40_000
-# Fewer rows than this many per input would let the fit memorise the calibration data.
-MIN_ROWS_PER_INPUT = 4
 RIDGE = 1e-3  # relative to the mean input energy
 
 
@@ -156,10 +154,7 @@ def reconstruct_sinks(original: ir.Model, pruned: ir.Model, groups, removed: set
         bias_value = node.inputs[2] if len(node.inputs) > 2 else None
         if bias_value is None or bias_value.const_value is None or bias_value.const_value.size != y.shape[1]:
             has_bias = False  # no per-channel bias to put it in: fit the weight alone
-        if rows.shape[0] < MIN_ROWS_PER_INPUT * rows.shape[1]:
-            yield node, (f"not refitted: {rows.shape[0]} calibration rows for {rows.shape[1]} inputs "
-                         f"(a fit needs {MIN_ROWS_PER_INPUT}x as many rows; give more calibration samples)")
-            continue
+        few = rows.shape[0] < rows.shape[1] + 1
         if rows.shape[0] > MAX_ROWS:
             pick = rng.choice(rows.shape[0], MAX_ROWS, replace=False)
             rows, y = rows[pick], y[pick]
@@ -171,7 +166,9 @@ def reconstruct_sinks(original: ir.Model, pruned: ir.Model, groups, removed: set
         if bias is not None:
             _set_const(pruned, node, 2, bias.astype(weight.dtype).reshape(node.inputs[2].const_value.shape.numpy()))
         after = _relative_error(rows, matrix, bias, y)
-        yield node, f"refitted by least squares: relative output error {before:.4f} -> {after:.4f}"
+        note = (f" (only {rows.shape[0]} rows for {rows.shape[1]} inputs: the fit stays near the old weights"
+                "; more calibration samples make it generalise)") if few else ""
+        yield node, f"refitted by least squares: relative output error {before:.4f} -> {after:.4f}{note}"
 
 
 def _bias(value):

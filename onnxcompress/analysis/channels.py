@@ -206,7 +206,10 @@ class _Builder:
             return
         handler = getattr(self, f"_op_{node.op_type}", None)
         if handler is not None:
-            handler(node)
+            try:
+                handler(node)
+            except UnknownShape as exc:
+                self.block_inputs(node, f"{node_label(node)}: {exc}")
         elif node.op_type in ELEMENTWISE_UNARY:
             self.pass_through(node)
         elif node.op_type in SPATIAL_POOLING:
@@ -542,6 +545,10 @@ class _Builder:
 # -- helpers ------------------------------------------------------------------------------------
 
 
+class UnknownShape(Exception):
+    """A shape the analysis needs was not inferred; the channels involved are blocked."""
+
+
 def _int_attr(node: ir.Node, name: str, default: int) -> int:
     attr = node.attributes.get(name)
     return attr.as_int() if attr is not None else default
@@ -583,7 +590,7 @@ def _rank(value: ir.Value) -> int:
     shape = _const_shape(value)
     if shape is not None:
         return len(shape)
-    raise ValueError(f"rank of '{value.name}' is unknown: run infer-shapes first")
+    raise UnknownShape(f"rank of '{value.name}' is unknown")
 
 
 def _static_shape(value: ir.Value):
