@@ -20,7 +20,7 @@ from onnxcompress.errors import CalibrationError
 from onnxcompress.instruments import CostTracking, DriftCheck, Instrument, Lineage, Reproducer, Timing, Verify
 from onnxcompress.manager import PassManager
 from onnxcompress.metrics import DriftBudget
-from onnxcompress.modelio import load_model, save_model
+from onnxcompress.modelio import LOAD_NOTES, load_model, save_model
 from onnxcompress.pipeline import Pipeline
 from onnxcompress.report import Report
 
@@ -82,7 +82,9 @@ def compress(
         built_in.append(Verify())
     built_in += [Lineage(), Reproducer(reproducer_dir, str(budget) if budget else None)]
     manager = PassManager(pipe, [*built_in, *instruments], feeds, note)
+    load_notes = list(ir_model.meta.get(LOAD_NOTES, []))
     out, report = manager.run(ir_model)
+    report.notes = load_notes + report.notes
     report.drift_budget = str(budget) if budget else None
     report.on_drift = on_drift if budget else None
     return Result(out, report)

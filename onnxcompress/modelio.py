@@ -13,15 +13,25 @@ import os
 import tempfile
 from pathlib import Path
 
+import logging
+
 import networkx as nx
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from onnxcompress.errors import ModelLoadError, UnsafeExternalData
 from onnxcompress.sparse_storage import from_sparse_storage, has_sparse_marks, to_sparse_storage
 
+logger = logging.getLogger(__name__)
+
 PROTOBUF_LIMIT = 2**31 - 1
+# Models older than this opset are upgraded with onnx's version converter on load.
+MIN_OPSET = 11
+UPGRADE_TO = 13
+# Key in ir.Model.meta (not saved) for what loading did to the model, for the report.
+LOAD_NOTES = "onnxcompress.load_notes"
 # Initializer bytes above which a model is saved with external data.
 EXTERNAL_DATA_THRESHOLD = 1_900_000_000
 
@@ -40,7 +50,9 @@ def load_model(source) -> ir.Model:
             copy = onnx.ModelProto()
             copy.CopyFrom(source)
             source = from_sparse_storage(copy)
-        model = ir.serde.deserialize_model(source)
+        notes: list[str] = []
+        model = ir.serde.deserialize_model(_upgrade_old_opset(source, "the model", notes))
+        model.meta[LOAD_NOTES] = notes
     elif isinstance(source, (str, os.PathLike)):
         model = _load_path(Path(source))
     else:
@@ -65,9 +77,32 @@ def _load_path(path: Path) -> ir.Model:
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise ModelLoadError(f"{path}: not a valid ONNX model (no graph)")
     _check_external_data(proto, path.parent)
-    model = ir.serde.deserialize_model(from_sparse_storage(proto))
+    notes: list[str] = []
+    model = ir.serde.deserialize_model(_upgrade_old_opset(from_sparse_storage(proto), str(path), notes))
+    model.meta[LOAD_NOTES] = notes
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model
+
+
+def _upgrade_old_opset(proto: onnx.ModelProto, where: str, notes: list[str]) -> onnx.ModelProto:
+    """Upgrade a model older than MIN_OPSET with onnx's version converter, or refuse it."""
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is None or version >= MIN_OPSET:
+        return proto
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        raise ModelLoadError(f"{where}: opset {version} is older than {MIN_OPSET}, the oldest the passes handle, "
+                             "and its external data keeps it from being converted here; convert it first")
+    try:
+        upgraded = onnx.version_converter.convert_version(proto, UPGRADE_TO)
+    except Exception as exc:  # the converter raises several types
+        raise ModelLoadError(
+            f"{where}: opset {version} is older than {MIN_OPSET}, the oldest the passes handle, and onnx's "
+            f"version converter could not upgrade it: {_first_line(exc)}"
+        ) from None
+    note = f"upgraded from opset {version} to {UPGRADE_TO} with onnx's version converter"
+    logger.warning("%s: %s", where, note)
+    notes.append(note)
+    return upgraded
 
 
 def _has_sparse(proto: onnx.ModelProto) -> bool:

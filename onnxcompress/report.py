@@ -56,6 +56,7 @@ class Report:
     drift_budget: str | None = None
     on_drift: str | None = None
     reproducer: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def final_cost(self) -> dict[str, int] | None:
@@ -73,6 +74,7 @@ class Report:
             "input_cost": self.input_cost,
             "final_cost": self.final_cost,
             "reproducer": self.reproducer,
+            "notes": self.notes,
             "passes": [p.to_dict() for p in self.passes],
         }
 
@@ -105,6 +107,7 @@ class Report:
             if p.reason:
                 lines.append(f"pass {p.index + 1} ({p.name}) {p.status}: {p.reason}")
         lines.append(f"calibration: {self.calibration}")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
