@@ -54,7 +54,7 @@ class PruneChannels(CompressionPass):
     """Remove whole output channels / neurons and the matching input slices of every consumer.
 
     Channel groups (analysis "channels") say which channels must go together: through
-    BatchNorm, activations, residual Add/Mul, Concat, Split, pooling, Resize, Pad,
+    BatchNorm, activations, residual Add/Mul, Concat, Split, Slice, pooling, Resize, Pad,
     depthwise convs and Flatten/Reshape into a Gemm. In each group the ``ratio`` least
     important channels are removed (``scope=global``: the least important over all groups,
     each group's importances normalised by its mean). Weights of the sources, per-channel
@@ -172,6 +172,14 @@ def apply_pruning(model: ir.Model, groups: ChannelGroups, removed: set[int]) -> 
     for split in groups.splits:
         sizes = [sum(groups.unit(a) not in removed for a in piece) for piece in split.pieces]
         _set_split_sizes(model, split.node, sizes)
+    for fix in groups.channel_slices:
+        kept = [groups.unit(a) not in removed for a in fix.atoms]
+        start = sum(kept[: fix.start])
+        end = start + sum(kept[fix.start : fix.end])
+        for index, bound in ((1, start), (2, end)):
+            array = fix.node.inputs[index].const_value.numpy().copy()
+            array[fix.axis_position] = bound
+            _replace_constant_input(model, fix.node, index, array)
     for fix in groups.depthwise:
         fix.node.attributes["group"] = ir.AttrInt64("group", sum(groups.unit(a) not in removed for a in fix.atoms))
     for fix in groups.reshapes:

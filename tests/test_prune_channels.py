@@ -197,7 +197,21 @@ def conv_transpose():
     return n.model(n.conv(n.op("Relu", [t]), 4, 2)), {"conv1": 6}
 
 
-GRAPHS = [chain_bn, residual_add, concat_branches, split_branches, flatten_gemm, reshape_gemm, depthwise,
+def slice_resize_pad():
+    n = Net([1, 3, 6, 6])
+    a = n.op("Relu", [n.conv("x", 3, 8, zero=(1, 6))])
+    for name, values in (("starts", [1]), ("ends", [8]), ("axes", [1])):
+        n.inits.append(onnx.numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+    b = n.op("Slice", [a, "starts", "ends", "axes"])  # channels 1..7: 6 survives, 1 is cut off
+    n.inits.append(onnx.numpy_helper.from_array(np.array([1, 1, 2, 2], dtype=np.float32), "scales"))
+    r = n.op("Resize", [b, "", "scales"], mode="nearest")
+    n.inits.append(onnx.numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "pads"))
+    p = n.op("Pad", [r, "pads"])
+    inorm = n.op("InstanceNormalization", [p, n.w(RNG.uniform(0.5, 1.5, 7)), n.w(np.zeros(7))])
+    return n.model(n.conv(inorm, 7, 2)), {"conv1": 6}
+
+
+GRAPHS = [slice_resize_pad, chain_bn, residual_add, concat_branches, split_branches, flatten_gemm, reshape_gemm, depthwise,
           per_channel_ops, transformer_ffn, conv_transpose]
 
 

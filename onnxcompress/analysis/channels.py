@@ -6,7 +6,7 @@ carries channels gets, along its channel axis, the atom behind each index. Ops t
 channels (activations, BatchNorm, pooling, Resize, Pad on other axes, depthwise convs with
 multiplier 1) pass them on; Add/Sub/Mul/Div of two activations *unify* the atoms at equal
 indices (a residual couples both sides); Concat along the channel axis concatenates the
-lists, Split cuts them; Flatten (or a 2-D Reshape) in front of a Gemm turns channel c into
+lists, Split and Slice (step 1) cut them; Flatten (or a 2-D Reshape) in front of a Gemm turns channel c into
 the block of features c·HW … (c+1)·HW−1. Constants indexed by channel (BatchNorm
 parameters, PRelu slopes, per-channel Mul/Add constants, depthwise weights) and weights of
 *sinks* (the next Conv/Gemm/MatMul) are recorded as slices to take.
@@ -67,6 +67,17 @@ class SplitSizes:
 
 
 @dataclasses.dataclass
+class SliceFix:
+    """A Slice along channels (step 1): its start and end move with the atoms removed before them."""
+
+    node: ir.Node
+    axis_position: int  # index into the starts/ends/axes inputs
+    atoms: tuple[int, ...]  # the input's atoms
+    start: int
+    end: int
+
+
+@dataclasses.dataclass
 class ReshapeFix:
     """A Reshape to [N, features] whose target gives the feature count explicitly."""
 
@@ -100,6 +111,7 @@ class ChannelGroups:
     splits: list[SplitSizes]
     reshapes: list[ReshapeFix]
     depthwise: list[GroupFix]
+    channel_slices: list[SliceFix]
     tensors: dict[str, tuple[int, tuple[int, ...]]]  # tensor name -> (axis, atoms)
     unions: UnionFind
     blocked: dict[int, str]  # unit root -> reason
@@ -139,6 +151,7 @@ class _Builder:
         self.reshapes: list[ReshapeFix] = []
         self.depthwise: list[GroupFix] = []
         self.refusals: list[tuple[ir.Node, str]] = []
+        self.channel_slices: list[SliceFix] = []
 
     # -- atoms -----------------------------------------------------------------------------
 
@@ -176,7 +189,7 @@ class _Builder:
         for atom, reason in self.blocked_atoms.items():
             blocked.setdefault(self.uf[atom], reason)
         return ChannelGroups(
-            self.sources, self.slices, self.splits, self.reshapes, self.depthwise,
+            self.sources, self.slices, self.splits, self.reshapes, self.depthwise, self.channel_slices,
             {v.name: c for v, c in self.tensors.items()}, self.uf, blocked, self.refusals, self._groups(),
         )
 
@@ -486,6 +499,34 @@ class _Builder:
             self.set_channels(out, axis, piece)
             start += size
         self.splits.append(SplitSizes(node, pieces))
+
+    def _op_Slice(self, node: ir.Node) -> None:
+        got = self.channels(node.inputs[0])
+        if not got:
+            return
+        axis, atoms = got
+        rank = _rank(node.inputs[0])
+        values = [_const_values(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else None
+                  for i in range(1, 5)]
+        starts, ends, axes, steps = values
+        if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] is not None and axes is None) or (
+            len(node.inputs) > 4 and node.inputs[4] is not None and steps is None
+        ):
+            self.block(atoms, f"Slice {node_label(node)} with non-constant bounds")
+            return
+        axes = axes if axes is not None else list(range(len(starts)))
+        steps = steps if steps is not None else [1] * len(starts)
+        hits = [i for i, a in enumerate(axes) if (a - rank if a >= 0 else a) == axis]
+        if not hits:
+            self.set_channels(node.outputs[0], axis, atoms)
+            return
+        i = hits[0]
+        if steps[i] != 1:
+            self.block(atoms, f"Slice {node_label(node)} along channels with step {steps[i]}")
+            return
+        start, end, _ = slice(starts[i], ends[i]).indices(len(atoms))
+        self.channel_slices.append(SliceFix(node, i, atoms, start, end))
+        self.set_channels(node.outputs[0], axis, atoms[start:end])
 
     def _op_Flatten(self, node: ir.Node) -> None:
         got = self.channels(node.inputs[0])
