@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("model")
     ins.add_argument("--json", action="store_true")
     ins.add_argument("--top", type=int, default=25, help="rows of the per-node table (0: all)")
+    ins.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                     help="fix an input's shape for MACs (e.g. input_ids=1,128); repeatable")
     ins.set_defaults(func=_inspect)
 
     cmp_ = sub.add_parser("compare", help="output drift between two models on the same feeds")
@@ -152,7 +154,10 @@ def _inspect(args) -> int:
     from onnxcompress.modelio import load_model
 
     model = load_model(args.model)
-    cost = compute_cost(model)
+    try:
+        cost = compute_cost(model, input_shapes=_parse_shapes(args.input_shape) or None)
+    except ValueError as exc:
+        raise OnnxCompressError(f"--input-shape: {exc}") from None
     candidates = []
     for cls in registry.all_passes():
         candidates += cls().candidates(model)
@@ -181,6 +186,19 @@ def _inspect(args) -> int:
         examples = [c for c in candidates if c.pass_name == name][:3]
         print(f"  {name}: {count} ({'; '.join(f'{c.node}: {c.what}' for c in examples)}{'; ...' if count > 3 else ''})")
     return 0
+
+
+def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
+    shapes = {}
+    for item in items:
+        name, _, dims = item.partition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise OnnxCompressError(f"--input-shape '{item}': expected NAME=D1,D2,... with integer sizes") from None
+        if not name or not dims:
+            raise OnnxCompressError(f"--input-shape '{item}': expected NAME=D1,D2,...")
+    return shapes
 
 
 def _compare(args) -> int:

@@ -174,3 +174,12 @@ def test_entry_point_runs_as_a_module(tiny_path, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("onnxcompress: error:") and "Traceback" not in proc.stderr
+
+
+def test_inspect_input_shape_fixes_symbolic_dims(tiny_path, capsys):
+    code, out, _ = cli("inspect", tiny_path, "--json", "--input-shape", "x=4,4", capsys=capsys)
+    assert code == 0 and json.loads(out)["macs"] == 4 * 56
+    code, _, err = cli("inspect", tiny_path, "--input-shape", "x=a,b", capsys=capsys)
+    assert code == 2 and "--input-shape 'x=a,b'" in err
+    code, _, err = cli("inspect", tiny_path, "--input-shape", "nope=1,4", capsys=capsys)
+    assert code == 2 and "nope" in err
