@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from onnxcompress.activations import capture
 from onnxcompress.analysis.channels import ChannelGroups
-from onnxcompress.reconstruct import output_rows, refittable, sink_rows, weight_matrix
+from onnxcompress.reconstruct import refittable, sink_rows, weight_matrix
 
 LASSO_ROWS = 1000  # sampled input rows per sink
 LASSO_OUTPUTS = 16  # sampled output channels per sink

@@ -110,22 +110,21 @@ class CompressionPass(ir.passes.InPlacePass):
         self.notes.append(text)
 
     def rewrote(self, node: ir.Node, detail: str = "") -> None:
-        self.records.append(NodeRecord(_node_label(node), node.op_type, "rewritten", detail))
+        self.records.append(NodeRecord(node_label(node), node.op_type, "rewritten", detail))
 
     def refused(self, node: ir.Node, reason: str) -> None:
-        logger.info("%s: left %s alone: %s", self.name, _node_label(node), reason)
-        self.records.append(NodeRecord(_node_label(node), node.op_type, "refused", reason))
+        logger.info("%s: left %s alone: %s", self.name, node_label(node), reason)
+        self.records.append(NodeRecord(node_label(node), node.op_type, "refused", reason))
 
     def candidates(self, model: ir.Model) -> list[Candidate]:
         """What this pass could rewrite in ``model``, without changing it. Default: nothing."""
         return []
 
 
-def _node_label(node: ir.Node) -> str:
+def node_label(node: ir.Node) -> str:
+    """The node's name, or its op type and first output when it has none."""
     if node.name:
         return node.name
     outputs = [v.name for v in node.outputs if v is not None and v.name]
     return f"<{node.op_type} -> {outputs[0]}>" if outputs else f"<{node.op_type}>"
 
-
-node_label = _node_label

@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.activations import capture
+from onnxcompress.initializers import replace_constant_input
 
 MAX_ROWS = 40_000
 RIDGE = 1e-3  # relative to the mean input energy
@@ -162,9 +163,10 @@ def reconstruct_sinks(original: ir.Model, pruned: ir.Model, groups, removed: set
         before = _relative_error(rows, old_matrix, old_bias, y)
         matrix, bias = least_squares(rows, y, old_matrix, old_bias)
         new_weight = matrix_to_weight(node, matrix, weight).astype(weight.dtype)
-        _set_const(pruned, node, 1, new_weight)
+        replace_constant_input(pruned, node, 1, new_weight, ".refit")
         if bias is not None:
-            _set_const(pruned, node, 2, bias.astype(weight.dtype).reshape(node.inputs[2].const_value.shape.numpy()))
+            bias_array = bias.astype(weight.dtype).reshape(node.inputs[2].const_value.shape.numpy())
+            replace_constant_input(pruned, node, 2, bias_array, ".refit")
         after = _relative_error(rows, matrix, bias, y)
         note = (f" (only {rows.shape[0]} rows for {rows.shape[1]} inputs: the fit stays near the old weights"
                 "; more calibration samples make it generalise)") if few else ""
@@ -187,17 +189,3 @@ def _kept_outputs(node: ir.Node, groups, removed: set[int], count: int) -> list[
         if source.node is node:
             return [i for i, a in enumerate(source.atoms) if groups.unit(a) not in removed]
     return list(range(count))
-
-
-def _set_const(model: ir.Model, node: ir.Node, index: int, array: np.ndarray) -> None:
-    old = node.inputs[index]
-    name, n = f"{old.name}.refit", 1
-    while name in model.graph.initializers:
-        n += 1
-        name = f"{old.name}.refit{n}"
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    model.graph.register_initializer(value)
-    node.replace_input_with(index, value)
-    if not old.uses() and old.is_initializer() and not old.is_graph_input() and not old.is_graph_output():
-        del model.graph.initializers[old.name]

@@ -14,8 +14,9 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxcompress.analysis.channels import ChannelGroups, Slice, channel_groups
 from onnxcompress.channel_importance import importance_of_units
+from onnxcompress.initializers import new_initializer, replace_constant_input
 from onnxcompress.options import PassOptions, option
-from onnxcompress.pass_base import CompressionPass, node_label
+from onnxcompress.pass_base import CompressionPass
 from onnxcompress.reconstruct import reconstruct_sinks
 from onnxcompress.registry import register
 
@@ -179,55 +180,36 @@ def apply_pruning(model: ir.Model, groups: ChannelGroups, removed: set[int]) -> 
         for index, bound in ((1, start), (2, end)):
             array = fix.node.inputs[index].const_value.numpy().copy()
             array[fix.axis_position] = bound
-            _replace_constant_input(model, fix.node, index, array)
+            replace_constant_input(model, fix.node, index, array, ".pruned")
     for fix in groups.depthwise:
         fix.node.attributes["group"] = ir.AttrInt64("group", sum(groups.unit(a) not in removed for a in fix.atoms))
     for fix in groups.reshapes:
         count = sum(groups.unit(a) not in removed for a in fix.atoms)
         target = fix.node.inputs[1].const_value.numpy().copy()
         target[1] = count
-        _replace_constant_input(model, fix.node, 1, target)
+        replace_constant_input(model, fix.node, 1, target, ".pruned")
     _refresh_shapes(model)
 
 
 def _slice_input(model: ir.Model, item: Slice, keep: list[int]) -> None:
     value = item.node.inputs[item.input_index]
     array = value.const_value.numpy()
-    _replace_constant_input(model, item.node, item.input_index, np.take(array, keep, axis=item.axis))
+    replace_constant_input(model, item.node, item.input_index, np.take(array, keep, axis=item.axis), ".pruned")
 
 
 def _set_split_sizes(model: ir.Model, node: ir.Node, sizes: list[int]) -> None:
     if len(node.inputs) > 1 and node.inputs[1] is not None:
-        _replace_constant_input(model, node, 1, np.asarray(sizes, dtype=np.int64))
+        replace_constant_input(model, node, 1, np.asarray(sizes, dtype=np.int64), ".pruned")
     elif "split" in node.attributes:
         node.attributes["split"] = ir.AttrInt64s("split", sizes)
     else:  # equal pieces implied by the output count: make the sizes explicit
         if model.opset_imports.get("", 1) >= 13:
-            value = _new_initializer(model, f"{node.name or 'split'}.sizes", np.asarray(sizes, dtype=np.int64))
+            value = new_initializer(model, f"{node.name or 'split'}.sizes", np.asarray(sizes, dtype=np.int64))
             while len(node.inputs) < 2:
                 node.resize_inputs(len(node.inputs) + 1)
             node.replace_input_with(1, value)
         else:
             node.attributes["split"] = ir.AttrInt64s("split", sizes)
-
-
-def _replace_constant_input(model: ir.Model, node: ir.Node, index: int, array: np.ndarray) -> None:
-    old = node.inputs[index]
-    new = _new_initializer(model, f"{old.name}.pruned", array)
-    node.replace_input_with(index, new)
-    if not old.uses() and old.is_initializer() and not old.is_graph_input() and not old.is_graph_output():
-        del model.graph.initializers[old.name]
-
-
-def _new_initializer(model: ir.Model, base: str, array: np.ndarray) -> ir.Value:
-    name, n = base, 1
-    while name in model.graph.initializers:
-        n += 1
-        name = f"{base}{n}"
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    model.graph.register_initializer(value)
-    return value
 
 
 def _refresh_shapes(model: ir.Model) -> None:
@@ -242,5 +224,3 @@ def _refresh_shapes(model: ir.Model) -> None:
     except Exception as exc:  # shapes are a convenience here; the model itself is consistent
         logger.info("shape inference after pruning failed: %s", exc)
 
-
-label = node_label

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-import subprocess
-import sys
 
 import numpy as np
 import onnx

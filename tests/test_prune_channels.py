@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 import onnxcompress
 from onnxcompress.analysis.channels import channel_groups
-from onnxcompress.errors import CalibrationError, OptionError
+from onnxcompress.errors import OptionError
 from onnxcompress.pipeline import Pipeline
 from onnxcompress.runtime import make_session, run_all
 
