@@ -16,7 +16,7 @@ from onnxcompress.analysis.channels import ChannelGroups, Slice, channel_groups
 from onnxcompress.channel_importance import importance_of_units
 from onnxcompress.initializers import new_initializer, replace_constant_input
 from onnxcompress.options import PassOptions, option
-from onnxcompress.pass_base import CompressionPass
+from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 from onnxcompress.reconstruct import reconstruct_sinks
 from onnxcompress.registry import register
 
@@ -98,6 +98,30 @@ class PruneChannels(CompressionPass):
             for node, detail in reconstruct_sinks(original, model, groups, removed, self.context.calibration):
                 self.rewrote(node, detail)
         return ir.passes.PassResult(model, modified=True)
+
+    def candidates(self, model: ir.Model) -> list[Candidate]:
+        """Each channel group with prunable channels, named by its first source (as the pass
+        would see the model: after its prerequisites, run here on a copy)."""
+        from onnxcompress.registry import get_pass
+
+        try:
+            model = model.clone()
+            for name in self.prerequisites:
+                get_pass(name)()(model)
+            groups = channel_groups(model)
+        except Exception as exc:  # shapes missing on an un-normalised model: say so, don't fail inspect
+            logger.info("prune-channels candidates unavailable: %s", exc)
+            return []
+        out = []
+        for units in groups.groups:
+            free = sum(u not in groups.blocked for u in units)
+            sources = groups.sources_of_group(units)
+            if free and sources:
+                first = sources[0].node
+                coupled = f", coupled with {len(sources) - 1} more" if len(sources) > 1 else ""
+                out.append(Candidate(self.name, node_label(first), first.op_type,
+                                     f"{free} of {len(units)} channels prunable{coupled}"))
+        return out
 
     def _exclude(self, groups: ChannelGroups) -> None:
         if not self.options.exclude:
