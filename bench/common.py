@@ -1,8 +1,8 @@
 """Shared benchmark helpers: interleaved latency ratios and result tables.
 
 Latency is measured as a ratio in one process: the candidate and the original run in turn on
-the same input (batch 1, 2 intra-op threads), many rounds, and the ratio of the medians is
-reported. Absolute times on a shared 2-core machine mean little; the ratio is stable.
+the same input (batch 1, 2 intra-op threads), in several blocks of rounds; the median of the
+blocks' median-time ratios is reported. Absolute times on a shared 2-core machine mean little; the ratio is stable.
 """
 
 from __future__ import annotations
@@ -19,22 +19,29 @@ if str(ROOT) not in sys.path:
 from onnxcompress.runtime import make_session  # noqa: E402
 
 
-def latency_ratio(original, candidate, feed: dict, rounds: int = 200, warmup: int = 20) -> float:
-    """median(candidate time) / median(original time), runs interleaved."""
+def latency_ratio(original, candidate, feed: dict, rounds: int = 300, blocks: int = 5, warmup: int = 30) -> float:
+    """Median over blocks of median(candidate time) / median(original time), runs interleaved.
+
+    Within a block the two sessions alternate (which goes first alternates too), so a burst of
+    load on the machine hits both; the median over blocks drops a block that a burst spoiled.
+    """
     a, b = make_session(str(original)), make_session(str(candidate))
     names_a = [o.name for o in a.get_outputs()]
     names_b = [o.name for o in b.get_outputs()]
     for _ in range(warmup):
         a.run(names_a, feed)
         b.run(names_b, feed)
-    ta, tb = [], []
-    for i in range(rounds):
-        order = ((a, names_a, ta), (b, names_b, tb)) if i % 2 == 0 else ((b, names_b, tb), (a, names_a, ta))
-        for session, names, times in order:
-            start = time.perf_counter()
-            session.run(names, feed)
-            times.append(time.perf_counter() - start)
-    return statistics.median(tb) / statistics.median(ta)
+    ratios = []
+    for _ in range(blocks):
+        ta, tb = [], []
+        for i in range(max(1, rounds // blocks)):
+            order = ((a, names_a, ta), (b, names_b, tb)) if i % 2 == 0 else ((b, names_b, tb), (a, names_a, ta))
+            for session, names, times in order:
+                start = time.perf_counter()
+                session.run(names, feed)
+                times.append(time.perf_counter() - start)
+        ratios.append(statistics.median(tb) / statistics.median(ta))
+    return statistics.median(ratios)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -28,10 +28,11 @@ PRIMARY = {"digits_cnn": "accuracy", "fmnist_cnn": "accuracy", "mobilenet_v2": "
            "minilm_l6": "accuracy", "ppocrv4_rec": "exact"}
 
 
-def run(name: str, ratios: list[float], calib: int, eval_limit: int | None, rounds: int, configs) -> list[dict]:
+def run(name: str, ratios: list[float], calib: int, eval_limit: int | None, rounds: int, configs,
+        round_to: int = 1) -> list[dict]:
     original = models.fetch(name)
     feeds = models.calibration_feeds(name, calib)
-    baseline = onnxcompress.compress(original, "default")
+    baseline = onnxcompress.compress(original, "default", calibration=feeds)  # feeds fix symbolic dims for MACs
     work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     base_path = work / "base.onnx"
     baseline.save(base_path)
@@ -41,7 +42,8 @@ def run(name: str, ratios: list[float], calib: int, eval_limit: int | None, roun
              "MACs": base_cost["macs"], "latency": 1.0, PRIMARY[name]: base_metric[PRIMARY[name]]}]
     for ratio in ratios:
         for importance, reconstruct in configs:
-            spec = f"prune-channels{{ratio={ratio},importance={importance},reconstruct={str(reconstruct).lower()}}}"
+            spec = f"prune-channels{{ratio={ratio},importance={importance},reconstruct={str(reconstruct).lower()}"
+            spec += f",round_to={round_to}}}" if round_to > 1 else "}"
             start = time.perf_counter()
             result = onnxcompress.compress(base_path, spec, calibration=feeds)
             seconds = time.perf_counter() - start
@@ -66,15 +68,16 @@ def main() -> int:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     parser.add_argument("--calib", type=int, default=64, help="calibration samples")
     parser.add_argument("--eval-limit", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=200, help="latency rounds per model")
+    parser.add_argument("--rounds", type=int, default=300, help="latency rounds per measurement")
     parser.add_argument("--configs", default="all", help="'all' or e.g. 'l1:0,l1:1'")
+    parser.add_argument("--round-to", type=int, default=1, help="prune-channels round_to (8 suits onnxruntime's conv kernels)")
     args = parser.parse_args()
     configs = CONFIGS if args.configs == "all" else [
         (c.split(":")[0], c.split(":")[1] == "1") for c in args.configs.split(",")]
     for name in args.models:
-        rows = run(name, args.ratios, args.calib, args.eval_limit, args.rounds, configs)
+        rows = run(name, args.ratios, args.calib, args.eval_limit, args.rounds, configs, args.round_to)
         columns = ["ratio", "importance", "reconstruct", "params", "MACs %", "latency", PRIMARY[name], "time s"]
-        print(f"\n### {name}\n")
+        print(f"\n### {name}" + (f" (round_to={args.round_to})" if args.round_to > 1 else "") + "\n")
         print(markdown_table(rows, columns))
     return 0
 
