@@ -87,23 +87,23 @@ def test_minilm_ffn_neurons_are_removed_and_attention_is_refused_with_reasons():
     assert (384, 1152) in shapes and (1152, 384) in shapes
 
 
-def test_reconstruction_beats_plain_l1_on_digits():
+def test_reconstruction_beats_plain_l1_on_digits(tmp_path):
     feeds = models.calibration_feeds("digits_cnn", 64)
     scores = {}
     for reconstruct in ("false", "true"):
         result = onnxcompress.compress(models.fetch("digits_cnn"),
                                        f"prune-channels{{ratio=0.5,reconstruct={reconstruct}}}", calibration=feeds)
-        path = f"/tmp/onnxcompress-test-digits-{reconstruct}.onnx"
+        path = tmp_path / f"digits-{reconstruct}.onnx"
         result.save(path)
         scores[reconstruct] = models.evaluate("digits_cnn", path)["accuracy"]
     assert scores["true"] >= 0.95
     assert scores["true"] > scores["false"] + 0.2
 
 
-def test_prune_magnitude_keeps_fmnist_accuracy():
+def test_prune_magnitude_keeps_fmnist_accuracy(tmp_path):
     path = models.fetch("fmnist_cnn")
     result = onnxcompress.compress(path, "prune-magnitude{sparsity=0.5}")
-    out = "/tmp/onnxcompress-test-fmnist-magnitude.onnx"
+    out = tmp_path / "fmnist-magnitude.onnx"
     result.save(out)
     before = models.evaluate("fmnist_cnn", path, limit=2000)["accuracy"]
     after = models.evaluate("fmnist_cnn", out, limit=2000)["accuracy"]
