@@ -195,21 +195,19 @@ class _Builder:
 
     def _groups(self) -> list[list[int]]:
         coupling = nx.Graph()
+        first_source: dict[int, int] = {}
         for i, source in enumerate(self.sources):
             coupling.add_node(("s", i))
             for atom in source.atoms:
-                coupling.add_edge(("s", i), ("u", self.uf[atom]))
+                unit = self.uf[atom]
+                first_source.setdefault(unit, i)
+                coupling.add_edge(("s", i), ("u", unit))
         groups = []
         for component in nx.connected_components(coupling):
             units = sorted(n[1] for n in component if n[0] == "u")
-            groups.append(units)
-        return sorted(groups, key=lambda g: min(self._source_index(u) for u in g))
-
-    def _source_index(self, unit: int) -> int:
-        for i, s in enumerate(self.sources):
-            if any(self.uf[a] == unit for a in s.atoms):
-                return i
-        return len(self.sources)
+            if units:
+                groups.append(units)
+        return sorted(groups, key=lambda g: min(first_source[u] for u in g))
 
     def visit(self, node: ir.Node) -> None:
         self._block_captured(node)
