@@ -111,7 +111,8 @@ def _lasso(model, groups, feeds) -> dict[int, float]:
         y = z.sum(axis=1)
         scale = np.linalg.norm(z, axis=0)
         scale[scale == 0] = 1.0
-        _, _, coefs = lars_path(z / scale, y, method="lasso", positive=True, max_iter=4 * len(units))
+        # One step per unit is enough to order them; units that never enter rank last.
+        _, _, coefs = lars_path(z / scale, y, method="lasso", positive=True, max_iter=len(units))
         entered = np.full(len(units), coefs.shape[1], dtype=float)
         for i in range(len(units)):
             steps = np.nonzero(coefs[i])[0]

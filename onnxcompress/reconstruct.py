@@ -2,8 +2,9 @@
 
 For each consumer (sink) that lost input channels, in graph order: take its input X' in the
 pruned model (with the earlier refits applied) and its output Y in the original model (the
-kept output channels only), and solve min ‖X'·W' + b' − Y‖² (ridge-regularised, a bias
-column where the op has one). Conv inputs become im2col patches.
+kept output channels only), and solve min ‖X'·W' + b' − Y‖² + λ‖[W'; b'] − [W; b]‖²: a
+ridge pulled towards the pruned layer's own weights, with λ chosen on held-out calibration
+feeds (or no refit at all, when that does better there). Conv inputs become im2col patches.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from onnxcompress.activations import capture
 from onnxcompress.initializers import replace_constant_input
 
 MAX_ROWS = 40_000
-RIDGE = 1e-3  # relative to the mean input energy
 
 
 def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
@@ -109,24 +109,59 @@ def matrix_to_weight(node: ir.Node, matrix: np.ndarray, like: np.ndarray) -> np.
     return matrix
 
 
-def least_squares(x: np.ndarray, y: np.ndarray, anchor: np.ndarray, anchor_bias: np.ndarray | None):
-    """min ‖x·W + b − y‖² + λ‖[W; b] − [anchor; anchor_bias]‖², b only if anchor_bias is given.
+# Ridge strengths tried, relative to the mean input energy; the held-out feeds choose.
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+HOLDOUT_EVERY = 4  # every 4th calibration feed is held out to choose the ridge strength
 
-    The pull towards the pruned layer's own weights keeps the fit sane when there are
-    fewer calibration rows than inputs (a plain least-squares fit would interpolate).
-    """
+
+def _design(x: np.ndarray, with_bias: bool) -> np.ndarray:
     x = x.astype(np.float64)
-    prior = anchor.astype(np.float64)
-    if anchor_bias is not None:
-        x = np.hstack([x, np.ones((x.shape[0], 1))])
-        prior = np.vstack([prior, anchor_bias.reshape(1, -1).astype(np.float64)])
+    return np.hstack([x, np.ones((x.shape[0], 1))]) if with_bias else x
+
+
+def anchored_ridge(x: np.ndarray, y: np.ndarray, prior: np.ndarray, lam: float) -> np.ndarray:
+    """argmin_W ‖x·W − y‖² + λ‖W − prior‖² (x already carries a ones column for a bias)."""
     gram = x.T @ x
-    lam = RIDGE * max(np.trace(gram) / gram.shape[0], 1e-12)
     gram[np.diag_indices_from(gram)] += lam
-    solution = np.linalg.solve(gram, x.T @ y.astype(np.float64) + lam * prior)
-    if anchor_bias is not None:
-        return solution[:-1], solution[-1]
-    return solution, None
+    return np.linalg.solve(gram, x.T @ y + lam * prior)
+
+
+def fit_layer(xs: list[np.ndarray], ys: list[np.ndarray], anchor: np.ndarray, anchor_bias: np.ndarray | None):
+    """Refit [W; b] on per-feed row blocks, pulled towards the pruned layer's own weights.
+
+    The pull strength λ is chosen on held-out feeds among RIDGE_GRID and "no refit" (the
+    anchor itself), so the refit is never worse than leaving the weights alone on data the
+    fit did not see. Returns (W, b or None, chosen λ or None for "kept", held-out errors).
+    """
+    with_bias = anchor_bias is not None
+    prior = anchor.astype(np.float64)
+    if with_bias:
+        prior = np.vstack([prior, anchor_bias.reshape(1, -1).astype(np.float64)])
+    held = [i for i in range(len(xs)) if len(xs) >= 2 and i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1] or (
+        [len(xs) - 1] if len(xs) >= 2 else [])
+    train = [i for i in range(len(xs)) if i not in held]
+    x_train = _design(np.concatenate([xs[i] for i in train]), with_bias)
+    y_train = np.concatenate([ys[i] for i in train]).astype(np.float64)
+    scale = max(float(np.einsum("ij,ij->", x_train, x_train)) / x_train.size, 1e-12)
+    if held:
+        x_held = _design(np.concatenate([xs[i] for i in held]), with_bias)
+        y_held = np.concatenate([ys[i] for i in held]).astype(np.float64)
+
+        def held_error(solution):
+            return float(np.linalg.norm(x_held @ solution - y_held) / max(np.linalg.norm(y_held), 1e-12))
+
+        errors = {None: held_error(prior)}
+        for ridge in RIDGE_GRID:
+            errors[ridge] = held_error(anchored_ridge(x_train, y_train, prior, ridge * scale))
+        best = min(errors, key=errors.get)
+    else:
+        errors, best = {}, RIDGE_GRID[1]
+    if best is None:
+        return anchor, anchor_bias, None, errors
+    x_all = _design(np.concatenate(xs), with_bias)
+    y_all = np.concatenate(ys).astype(np.float64)
+    solution = anchored_ridge(x_all, y_all, prior, best * scale)
+    return (solution[:-1], solution[-1], best, errors) if with_bias else (solution, None, best, errors)
 
 
 def reconstruct_sinks(original: ir.Model, pruned: ir.Model, groups, removed: set[int], feeds: list[dict]):
@@ -146,31 +181,47 @@ def reconstruct_sinks(original: ir.Model, pruned: ir.Model, groups, removed: set
             yield node, f"not refitted: {reason}"
             continue
         weight = node.inputs[1].const_value.numpy()
-        xs = capture(pruned, [node.inputs[0].name], feeds)[node.inputs[0].name]
-        rows = np.concatenate([sink_rows(node, xi, weight) for xi in xs])
+        inputs = capture(pruned, [node.inputs[0].name], feeds)[node.inputs[0].name]
+        keep_out = _kept_outputs(node, groups, removed, None)
+        xs = [sink_rows(node, xi, weight) for xi in inputs]
         ys = [output_rows(node, yi) for yi in targets[node.outputs[0].name]]
-        y = np.concatenate(ys)
-        y = y[:, _kept_outputs(node, groups, removed, y.shape[1])]
-        has_bias = node.op_type in ("Conv", "Gemm")
+        ys = [y[:, keep_out] if keep_out is not None else y for y in ys]
+        xs, ys = _subsample(xs, ys, rng)
         bias_value = node.inputs[2] if len(node.inputs) > 2 else None
-        if bias_value is None or bias_value.const_value is None or bias_value.const_value.size != y.shape[1]:
-            has_bias = False  # no per-channel bias to put it in: fit the weight alone
-        few = rows.shape[0] < rows.shape[1] + 1
-        if rows.shape[0] > MAX_ROWS:
-            pick = rng.choice(rows.shape[0], MAX_ROWS, replace=False)
-            rows, y = rows[pick], y[pick]
+        has_bias = node.op_type in ("Conv", "Gemm") and bias_value is not None and \
+            bias_value.const_value is not None and bias_value.const_value.size == ys[0].shape[1]
         old_matrix, old_bias = weight_matrix(node, weight), _bias(bias_value) if has_bias else None
+        rows, y = np.concatenate(xs), np.concatenate(ys)
         before = _relative_error(rows, old_matrix, old_bias, y)
-        matrix, bias = least_squares(rows, y, old_matrix, old_bias)
+        matrix, bias, ridge, errors = fit_layer(xs, ys, old_matrix, old_bias)
+        if ridge is None:
+            yield node, (f"kept its weights: a refit did worse on held-out calibration feeds "
+                         f"({min(v for k, v in errors.items() if k is not None):.4f} vs {errors[None]:.4f})")
+            continue
         new_weight = matrix_to_weight(node, matrix, weight).astype(weight.dtype)
         replace_constant_input(pruned, node, 1, new_weight, ".refit")
         if bias is not None:
             bias_array = bias.astype(weight.dtype).reshape(node.inputs[2].const_value.shape.numpy())
             replace_constant_input(pruned, node, 2, bias_array, ".refit")
         after = _relative_error(rows, matrix, bias, y)
-        note = (f" (only {rows.shape[0]} rows for {rows.shape[1]} inputs: the fit stays near the old weights"
-                "; more calibration samples make it generalise)") if few else ""
-        yield node, f"refitted by least squares: relative output error {before:.4f} -> {after:.4f}{note}"
+        held = f", held-out {errors[None]:.4f} -> {errors[ridge]:.4f}" if errors else ""
+        yield node, (f"refitted by least squares (ridge {ridge:g}): relative output error "
+                     f"{before:.4f} -> {after:.4f}{held}")
+
+
+def _subsample(xs, ys, rng):
+    """At most MAX_ROWS rows in all, taken evenly from every feed."""
+    total = sum(x.shape[0] for x in xs)
+    if total <= MAX_ROWS:
+        return xs, ys
+    share = MAX_ROWS / total
+    out_x, out_y = [], []
+    for x, y in zip(xs, ys):
+        count = max(1, int(round(x.shape[0] * share)))
+        pick = rng.choice(x.shape[0], min(count, x.shape[0]), replace=False)
+        out_x.append(x[pick])
+        out_y.append(y[pick])
+    return out_x, out_y
 
 
 def _bias(value):
@@ -184,8 +235,9 @@ def _relative_error(rows, matrix, bias, y) -> float:
     return float(np.linalg.norm(pred - y) / max(np.linalg.norm(y), 1e-12))
 
 
-def _kept_outputs(node: ir.Node, groups, removed: set[int], count: int) -> list[int]:
+def _kept_outputs(node: ir.Node, groups, removed: set[int], count) -> list[int] | None:
+    """Output channels the sink keeps when it is also a pruned source; None when all stay."""
     for source in groups.sources:
         if source.node is node:
             return [i for i, a in enumerate(source.atoms) if groups.unit(a) not in removed]
-    return list(range(count))
+    return None
