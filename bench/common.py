@@ -16,7 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from onnxcompress.runtime import make_session  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from onnxcompress.runtime import session_options  # noqa: E402
+
+
+def bench_session(path) -> ort.InferenceSession:
+    """2 intra-op threads that do not spin: two sessions take turns, and a spinning pool of
+    one would steal the cores from the other and make the ratio meaningless."""
+    options = session_options(threads=2)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def latency_ratio(original, candidate, feed: dict, rounds: int = 300, blocks: int = 5, warmup: int = 30) -> float:
@@ -25,7 +35,7 @@ def latency_ratio(original, candidate, feed: dict, rounds: int = 300, blocks: in
     Within a block the two sessions alternate (which goes first alternates too), so a burst of
     load on the machine hits both; the median over blocks drops a block that a burst spoiled.
     """
-    a, b = make_session(str(original)), make_session(str(candidate))
+    a, b = bench_session(original), bench_session(candidate)
     names_a = [o.name for o in a.get_outputs()]
     names_b = [o.name for o in b.get_outputs()]
     for _ in range(warmup):
