@@ -14,6 +14,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxcompress.analysis.channels import ChannelGroups, Slice, channel_groups
 from onnxcompress.channel_importance import importance_of_units
+from onnxcompress.errors import CalibrationError
 from onnxcompress.initializers import new_initializer, replace_constant_input
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
@@ -66,7 +67,8 @@ class PruneChannels(CompressionPass):
     ``modified=False``. Groups reaching a graph output or an op the analysis does not know
     are refused, with the reason. With ``reconstruct=true`` each consumer's remaining weights
     are refitted by least squares (He et al. 2017) so its output on the calibration data
-    matches the original's.
+    matches the original's; the fit is pulled towards the pruned weights with a strength
+    chosen on held-out calibration feeds, and a layer keeps its weights when no refit helps.
     """
 
     name = "prune-channels"
@@ -79,13 +81,11 @@ class PruneChannels(CompressionPass):
             return ir.passes.PassResult(model, modified=False)
         needs_data = self.options.importance in ("apoz", "lasso") or self.options.reconstruct
         if needs_data and not self.context.calibration:
-            from onnxcompress.errors import CalibrationError
-
             raise CalibrationError(
                 f"prune-channels with importance={self.options.importance}"
                 f"{' and reconstruct=true' if self.options.reconstruct else ''} needs calibration data (--calib)"
             )
-        groups = channel_groups(model)
+        groups = channel_groups(model)  # computed here, not cached: _exclude marks it up
         self._exclude(groups)
         original = model.clone() if self.options.reconstruct else None
         importance = importance_of_units(model, groups, self.options.importance, self.context.calibration)
