@@ -39,7 +39,7 @@ def run(name: str, ratios: list[float], calib: int, eval_limit: int | None, roun
     base_metric = models.evaluate(name, base_path, limit=eval_limit)
     base_cost = baseline.report.final_cost
     rows = [{"ratio": 0.0, "importance": "-", "reconstruct": "-", "params": base_cost["params"],
-             "MACs": base_cost["macs"], "latency": 1.0, PRIMARY[name]: base_metric[PRIMARY[name]]}]
+             "MACs": base_cost["macs"], "latency": 1.0, **base_metric}]
     for ratio in ratios:
         for importance, reconstruct in configs:
             spec = f"prune-channels{{ratio={ratio},importance={importance},reconstruct={str(reconstruct).lower()}"
@@ -56,7 +56,7 @@ def run(name: str, ratios: list[float], calib: int, eval_limit: int | None, roun
                 "params": cost["params"], "MACs": cost["macs"],
                 "MACs %": 100.0 * cost["macs"] / base_cost["macs"] if base_cost["macs"] else None,
                 "latency": latency_ratio(base_path, path, feeds[0], rounds=rounds),
-                PRIMARY[name]: metric[PRIMARY[name]], "time s": seconds,
+                **metric, "time s": seconds,
             })
             print(f"{name} {spec}: {rows[-1]}", file=sys.stderr, flush=True)
     return rows
@@ -76,7 +76,9 @@ def main() -> int:
         (c.split(":")[0], c.split(":")[1] == "1") for c in args.configs.split(",")]
     for name in args.models:
         rows = run(name, args.ratios, args.calib, args.eval_limit, args.rounds, configs, args.round_to)
-        columns = ["ratio", "importance", "reconstruct", "params", "MACs %", "latency", PRIMARY[name], "time s"]
+        metrics = [PRIMARY[name]] + [k for k in rows[0] if k not in PRIMARY.values() and k not in (
+            "ratio", "importance", "reconstruct", "params", "MACs", "latency")]
+        columns = ["ratio", "importance", "reconstruct", "params", "MACs %", "latency", *metrics, "time s"]
         print(f"\n### {name}" + (f" (round_to={args.round_to})" if args.round_to > 1 else "") + "\n")
         print(markdown_table(rows, columns))
     return 0
