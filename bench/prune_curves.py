@@ -29,7 +29,7 @@ PRIMARY = {"digits_cnn": "accuracy", "fmnist_cnn": "accuracy", "mobilenet_v2": "
 
 
 def run(name: str, ratios: list[float], calib: int, eval_limit: int | None, rounds: int, configs,
-        round_to: int = 1) -> list[dict]:
+        round_to: int = 1, extra: str = "") -> list[dict]:
     original = models.fetch(name)
     feeds = models.calibration_feeds(name, calib)
     baseline = onnxcompress.compress(original, "default", calibration=feeds)  # feeds fix symbolic dims for MACs
@@ -43,7 +43,8 @@ def run(name: str, ratios: list[float], calib: int, eval_limit: int | None, roun
     for ratio in ratios:
         for importance, reconstruct in configs:
             spec = f"prune-channels{{ratio={ratio},importance={importance},reconstruct={str(reconstruct).lower()}"
-            spec += f",round_to={round_to}}}" if round_to > 1 else "}"
+            spec += f",round_to={round_to}" if round_to > 1 else ""
+            spec += f",{extra}}}" if extra else "}"
             start = time.perf_counter()
             result = onnxcompress.compress(base_path, spec, calibration=feeds)
             seconds = time.perf_counter() - start
@@ -71,15 +72,17 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=300, help="latency rounds per measurement")
     parser.add_argument("--configs", default="all", help="'all' or e.g. 'l1:0,l1:1'")
     parser.add_argument("--round-to", type=int, default=1, help="prune-channels round_to (8 suits onnxruntime's conv kernels)")
+    parser.add_argument("--extra", default="", help='more prune-channels options, e.g. exclude="fc1"')
     args = parser.parse_args()
     configs = CONFIGS if args.configs == "all" else [
         (c.split(":")[0], c.split(":")[1] == "1") for c in args.configs.split(",")]
     for name in args.models:
-        rows = run(name, args.ratios, args.calib, args.eval_limit, args.rounds, configs, args.round_to)
+        rows = run(name, args.ratios, args.calib, args.eval_limit, args.rounds, configs, args.round_to, args.extra)
         metrics = [PRIMARY[name]] + [k for k in rows[0] if k not in PRIMARY.values() and k not in (
             "ratio", "importance", "reconstruct", "params", "MACs", "latency")]
         columns = ["ratio", "importance", "reconstruct", "params", "MACs %", "latency", *metrics, "time s"]
-        print(f"\n### {name}" + (f" (round_to={args.round_to})" if args.round_to > 1 else "") + "\n")
+        options = [f"round_to={args.round_to}"] * (args.round_to > 1) + [args.extra] * bool(args.extra)
+        print(f"\n### {name}" + (f" ({', '.join(options)})" if options else "") + "\n")
         print(markdown_table(rows, columns))
     return 0
 
