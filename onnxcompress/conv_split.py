@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.pass_base import node_label
+from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 
 logger = logging.getLogger(__name__)
 
@@ -326,3 +326,43 @@ def prepared(model: ir.Model, prerequisites: Sequence[str]) -> ir.Model:
     except Exception as exc:  # noqa: BLE001
         logger.info("conv split candidates on the model as it is: %s", exc)
         return model
+
+
+class ConvSplitPass(CompressionPass):
+    """Shared driver of the conv-splitting passes: plan each Conv, then replace it by a chain.
+
+    Subclasses give ``plan(node)`` (a plan with ``detail()``, or the refusal reason as a string),
+    ``chain(node, plan)`` (the new convs) and ``what`` (how the note names the rewrite).
+    """
+
+    what = ""
+
+    def plan(self, node: ir.Node):
+        raise NotImplementedError
+
+    def chain(self, node: ir.Node, plan) -> list[NewConv]:
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        names = Names(model)
+        count = 0
+        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+            if not is_conv(node):
+                continue
+            plan = self.plan(node)
+            if isinstance(plan, str):
+                self.refused(node, plan)
+                continue
+            new_nodes = replace_conv(node, self.chain(node, plan), names)
+            self.rewrote(node, f"{plan.detail()}; now '{new_nodes[0].name}' + '{new_nodes[1].name}'")
+            count += 1
+        if count:
+            self.note(f"split {count} Convs into {self.what}")
+        return ir.passes.PassResult(model, modified=bool(count))
+
+    def candidates(self, model: ir.Model) -> list[Candidate]:
+        out = []
+        for node in ir.traversal.RecursiveGraphIterator(prepared(model, self.prerequisites).graph):
+            if is_conv(node) and not isinstance(plan := self.plan(node), str):
+                out.append(Candidate(self.name, node_label(node), node.op_type, plan.detail()))
+        return out

@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from onnxcompress import conv_split as cs
 from onnxcompress.options import PassOptions, option
-from onnxcompress.pass_base import Candidate, CompressionPass, node_label
+from onnxcompress.pass_base import node_label
 from onnxcompress.registry import register
 
 
@@ -194,7 +194,7 @@ def split_conv(model: ir.Model, node: ir.Node, multiplier: int) -> list[ir.Node]
 
 
 @register
-class SplitDepthwise(CompressionPass):
+class SplitDepthwise(cs.ConvSplitPass):
     """Split a k×k Conv C→N into a depthwise k×k Conv (multiplier m) and a pointwise 1×1 Conv.
 
     Per input channel c the slice W[:, c] (N×k², k² = the kernel's size) is truncated by SVD
@@ -216,26 +216,10 @@ class SplitDepthwise(CompressionPass):
     prerequisites = ("lift-constants", "fold-batchnorm", "infer-shapes")
     lossless = False
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        names = cs.Names(model)
-        count = 0
-        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-            if not cs.is_conv(node):
-                continue
-            plan = _plan(node, self.options)
-            if isinstance(plan, str):
-                self.refused(node, plan)
-                continue
-            new_nodes = cs.replace_conv(node, _chain(node, plan.geom, plan.weight, plan.multiplier), names)
-            self.rewrote(node, f"{plan.detail()}; now '{new_nodes[0].name}' + '{new_nodes[1].name}'")
-            count += 1
-        if count:
-            self.note(f"split {count} Convs into depthwise + pointwise")
-        return ir.passes.PassResult(model, modified=bool(count))
+    what = "depthwise + pointwise"
 
-    def candidates(self, model: ir.Model) -> list[Candidate]:
-        out = []
-        for node in ir.traversal.RecursiveGraphIterator(cs.prepared(model, self.prerequisites).graph):
-            if cs.is_conv(node) and isinstance(plan := _plan(node, self.options), _Plan):
-                out.append(Candidate(self.name, node_label(node), node.op_type, plan.detail()))
-        return out
+    def plan(self, node: ir.Node):
+        return _plan(node, self.options)
+
+    def chain(self, node: ir.Node, plan) -> list[cs.NewConv]:
+        return _chain(node, plan.geom, plan.weight, plan.multiplier)

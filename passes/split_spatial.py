@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from onnxcompress import conv_split as cs
 from onnxcompress.options import PassOptions, option
-from onnxcompress.pass_base import Candidate, CompressionPass, node_label
+from onnxcompress.pass_base import node_label
 from onnxcompress.registry import register
 
 
@@ -211,7 +211,7 @@ def split_conv(model: ir.Model, node: ir.Node, rank: int) -> list[ir.Node]:
 
 
 @register
-class SplitSpatial(CompressionPass):
+class SplitSpatial(cs.ConvSplitPass):
     """Split a k_h×k_w Conv into a k_h×1 Conv with D filters then a 1×k_w Conv (spatial SVD).
 
     Jaderberg et al. 2014, scheme 2. The weight W (N×C×k_h×k_w) is reshaped to the
@@ -235,27 +235,10 @@ class SplitSpatial(CompressionPass):
     prerequisites = ("lift-constants", "fold-batchnorm", "infer-shapes")
     lossless = False
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        names = cs.Names(model)
-        count = 0
-        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-            if not cs.is_conv(node):
-                continue
-            plan = _plan(node, self.options)
-            if isinstance(plan, str):
-                self.refused(node, plan)
-                continue
-            new_nodes = cs.replace_conv(node, _chain(node, plan.geom, plan.weight, plan.rank), names)
-            self.rewrote(node, f"{plan.detail()}; now '{new_nodes[0].name}' + '{new_nodes[1].name}'")
-            count += 1
-        if count:
-            self.note(f"split {count} Convs into k×1 + 1×k")
-        return ir.passes.PassResult(model, modified=bool(count))
+    what = "k×1 + 1×k"
 
-    def candidates(self, model: ir.Model) -> list[Candidate]:
-        out = []
-        for node in ir.traversal.RecursiveGraphIterator(cs.prepared(model, self.prerequisites).graph):
-            if cs.is_conv(node) and isinstance(plan := _plan(node, self.options), _Plan):
-                out.append(Candidate(self.name, node_label(node), node.op_type, plan.detail()))
-        return out
+    def plan(self, node: ir.Node):
+        return _plan(node, self.options)
 
+    def chain(self, node: ir.Node, plan) -> list[cs.NewConv]:
+        return _chain(node, plan.geom, plan.weight, plan.rank)
