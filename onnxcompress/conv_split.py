@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.initializers import Names
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 
 logger = logging.getLogger(__name__)
@@ -230,28 +231,6 @@ class NewConv:
     attributes: dict
     bias: ir.Value | None = None
     shape: ir.Shape | None = None  # of its output, where known
-
-
-class Names:
-    """Value and node names already used anywhere in the model, to make new ones unique."""
-
-    def __init__(self, model: ir.Model):
-        self.used: set[str] = set()
-        for graph in model.graphs():
-            self.used.update(v.name for v in graph.inputs if v.name)
-            self.used.update(graph.initializers)
-            for node in graph:
-                if node.name:
-                    self.used.add(node.name)
-                self.used.update(v.name for v in node.outputs if v.name)
-
-    def unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            i += 1
-            name = f"{base}{i}"
-        self.used.add(name)
-        return name
 
 
 def replace_conv(node: ir.Node, chain: Sequence[NewConv], names: Names) -> list[ir.Node]:

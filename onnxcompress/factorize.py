@@ -460,26 +460,6 @@ class Whiteners:
         return self._cache[keys]
 
 
-class Names:
-    """Fresh value and initializer names for a model."""
-
-    def __init__(self, model: ir.Model):
-        self.taken: set[str] = set()
-        for graph in model.graphs():
-            self.taken.update(v.name for v in graph.inputs if v.name)
-            self.taken.update(graph.initializers)
-            for node in graph:
-                self.taken.update(v.name for v in node.outputs if v.name)
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            i += 1
-            name = f"{base}{i}"
-        self.taken.add(name)
-        return name
-
-
 def replace_node(node: ir.Node, first: ir.Node, second: ir.Node, hidden_name: str) -> None:
     """Put ``first`` → ``second`` where ``node`` was; ``second``'s output takes over the name,
     type, shape and every use of ``node``'s output (a graph output included)."""

@@ -28,3 +28,25 @@ def replace_constant_input(model: ir.Model, node: ir.Node, index: int, array: np
     if not old.uses() and old.is_initializer() and not old.is_graph_input() and not old.is_graph_output():
         del model.graph.initializers[old.name]
     return new
+
+
+class Names:
+    """Value and node names already used anywhere in the model, to make new ones unique."""
+
+    def __init__(self, model: ir.Model):
+        self.used: set[str] = set()
+        for graph in model.graphs():
+            self.used.update(v.name for v in graph.inputs if v.name)
+            self.used.update(graph.initializers)
+            for node in graph:
+                if node.name:
+                    self.used.add(node.name)
+                self.used.update(v.name for v in node.outputs if v.name)
+
+    def unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            i += 1
+            name = f"{base}{i}"
+        self.used.add(name)
+        return name

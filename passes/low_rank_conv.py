@@ -11,7 +11,6 @@ import onnx_ir as ir
 from onnxcompress.errors import CalibrationError
 from onnxcompress.factorize import (
     LowRankOptions,
-    Names,
     Plan,
     Whiteners,
     collect_grams,
@@ -24,7 +23,7 @@ from onnxcompress.factorize import (
     shared_reason,
     shrink_reason,
 )
-from onnxcompress.initializers import new_initializer
+from onnxcompress.initializers import Names, new_initializer
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 from onnxcompress.reconstruct import conv_geometry, im2col
 from onnxcompress.registry import register
@@ -179,8 +178,8 @@ class LowRankConv(CompressionPass):
         base = weight.name or "weight"
         first_w = a.T.reshape(r, *w.shape[1:]).astype(w.dtype)
         second_w = b.T.reshape(out_channels, r, *([1] * spatial)).astype(w.dtype)
-        first_value = new_initializer(model, names.fresh(f"{base}.lowrank_a"), first_w)
-        second_value = new_initializer(model, names.fresh(f"{base}.lowrank_b"), second_w)
+        first_value = new_initializer(model, names.unique(f"{base}.lowrank_a"), first_w)
+        second_value = new_initializer(model, names.unique(f"{base}.lowrank_b"), second_w)
         for node in nodes:
             label = node.name or node_label(node)
             attributes = {key: attr for key, attr in node.attributes.items()}
@@ -189,7 +188,7 @@ class LowRankConv(CompressionPass):
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 inputs.append(node.inputs[2])
             second = ir.node("Conv", inputs, attributes={"kernel_shape": [1] * spatial}, name=node.name or None)
-            hidden = names.fresh(f"{node.outputs[0].name or label}_lowrank")
+            hidden = names.unique(f"{node.outputs[0].name or label}_lowrank")
             replace_node(node, first, second, hidden)
         drop_if_unused(model, weight)
 

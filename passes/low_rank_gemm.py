@@ -11,7 +11,6 @@ import onnx_ir as ir
 from onnxcompress.errors import CalibrationError
 from onnxcompress.factorize import (
     LowRankOptions,
-    Names,
     Plan,
     Whiteners,
     collect_grams,
@@ -24,7 +23,7 @@ from onnxcompress.factorize import (
     shared_reason,
     shrink_reason,
 )
-from onnxcompress.initializers import new_initializer
+from onnxcompress.initializers import Names, new_initializer
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 from onnxcompress.registry import register
 
@@ -187,9 +186,9 @@ class LowRankGemm(CompressionPass):
         dtype = weight.const_value.numpy().dtype
         trans_b = sites[0].trans_b
         base = weight.name or "weight"
-        a_value = new_initializer(model, names.fresh(f"{base}.lowrank_a"), a.astype(dtype))
+        a_value = new_initializer(model, names.unique(f"{base}.lowrank_a"), a.astype(dtype))
         b_array = (b.T if trans_b else b).astype(dtype)
-        b_value = new_initializer(model, names.fresh(f"{base}.lowrank_b"), b_array)
+        b_value = new_initializer(model, names.unique(f"{base}.lowrank_b"), b_array)
         for site in sites:
             node = site.node
             label = node.name or node_label(node)
@@ -203,7 +202,7 @@ class LowRankGemm(CompressionPass):
                 second = ir.node("Gemm", inputs, attributes=attributes, name=node.name or None)
             else:
                 second = ir.node("MatMul", [first.outputs[0], b_value], name=node.name or None)
-            hidden = names.fresh(f"{node.outputs[0].name or label}_lowrank")
+            hidden = names.unique(f"{node.outputs[0].name or label}_lowrank")
             replace_node(node, first, second, hidden)
         drop_if_unused(model, weight)
 
