@@ -29,12 +29,6 @@ class Drift:
         d = dataclasses.asdict(self)
         return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
 
-    def short(self) -> str:
-        parts = [f"sqnr {format_db(self.sqnr_db)}", f"cos {self.cosine:.6f}"]
-        if self.top1 is not None:
-            parts.append(f"top1 {self.top1:.3f}")
-        return ", ".join(parts)
-
 
 def format_db(value: float) -> str:
     return "inf dB" if math.isinf(value) else f"{value:.1f} dB"

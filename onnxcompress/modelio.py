@@ -26,7 +26,6 @@ from onnxcompress.sparse_storage import from_sparse_storage, has_sparse_marks, t
 
 logger = logging.getLogger(__name__)
 
-PROTOBUF_LIMIT = 2**31 - 1
 # Models older than this opset are upgraded with onnx's version converter on load.
 MIN_OPSET = 11
 UPGRADE_TO = 13

@@ -40,8 +40,6 @@ ELEMENTWISE_UNARY = {
     "ThresholdedRelu", "Sin", "Cos",
 }
 SPATIAL_POOLING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
-BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Where"}
-SOURCES = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 @dataclasses.dataclass
@@ -120,12 +118,6 @@ class ChannelGroups:
 
     def unit(self, atom: int) -> int:
         return self.unions[atom]
-
-    def is_blocked(self, atom: int) -> bool:
-        return self.unit(atom) in self.blocked
-
-    def block_reason(self, atom: int) -> str | None:
-        return self.blocked.get(self.unit(atom))
 
     def sources_of_group(self, group: list[int]) -> list[Source]:
         roots = set(group)
@@ -660,18 +652,3 @@ def _split_sizes(node: ir.Node, total: int):
     if total % parts:
         return None
     return [total // parts] * parts
-
-
-def describe_groups(groups: ChannelGroups) -> list[dict]:
-    """Per group: its sources, unit count and whether (why not) it can be pruned."""
-    out = []
-    for units in groups.groups:
-        reasons = {groups.blocked[u] for u in units if u in groups.blocked}
-        out.append({
-            "sources": [s.label for s in groups.sources_of_group(units)],
-            "units": len(units),
-            "prunable_units": sum(u not in groups.blocked for u in units),
-            "blocked_by": sorted(reasons),
-        })
-    return out
-

@@ -596,7 +596,9 @@ def _broadcast(a: Sequence[int], b: Sequence[int]) -> list[int]:
     return [y if x == 1 else x for x, y in zip(a, b)]
 
 
-def _conv(x_idx: int, w_idx: int) -> Callable[[ir.Node, _Shapes], int]:
+def _conv(w_idx: int) -> Callable[[ir.Node, _Shapes], int]:
+    """MACs = numel(Y)·prod(W.shape[1:]), the weight being input ``w_idx``."""
+
     def macs(node: ir.Node, s: _Shapes) -> int:
         w = s.known(_input(node, w_idx))
         y = s.known(_output(node, 0))
@@ -759,9 +761,9 @@ def _ms_attention(node: ir.Node, s: _Shapes) -> int:
 
 
 _FORMULAS: dict[tuple[str, str], Callable[[ir.Node, _Shapes], int]] = {
-    ("", "Conv"): _conv(0, 1),
-    ("", "ConvInteger"): _conv(0, 1),
-    ("", "QLinearConv"): _conv(0, 3),
+    ("", "Conv"): _conv(1),
+    ("", "ConvInteger"): _conv(1),
+    ("", "QLinearConv"): _conv(3),
     ("", "ConvTranspose"): _conv_transpose,
     ("", "Gemm"): _gemm(0, 1),
     ("", "MatMul"): _matmul(0, 1),
@@ -772,10 +774,10 @@ _FORMULAS: dict[tuple[str, str], Callable[[ir.Node, _Shapes], int]] = {
     ("", "RNN"): _recurrent(1),
     ("", "Einsum"): _einsum,
     ("", "Attention"): _attention,
-    ("com.microsoft", "FusedConv"): _conv(0, 1),
-    ("com.microsoft", "NhwcConv"): _conv(0, 1),
-    ("com.microsoft", "NhwcFusedConv"): _conv(0, 1),
-    ("com.microsoft", "QLinearConv"): _conv(0, 3),
+    ("com.microsoft", "FusedConv"): _conv(1),
+    ("com.microsoft", "NhwcConv"): _conv(1),
+    ("com.microsoft", "NhwcFusedConv"): _conv(1),
+    ("com.microsoft", "QLinearConv"): _conv(3),
     ("com.microsoft", "ConvTransposeWithDynamicPads"): _conv_transpose,
     ("com.microsoft", "FusedGemm"): _gemm(0, 1),
     ("com.microsoft", "QGemm"): _gemm(0, 3),
