@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import math
@@ -316,11 +317,13 @@ class ConvSplitPass(CompressionPass):
 
     what = ""
 
+    @abc.abstractmethod
     def plan(self, node: ir.Node):
-        raise NotImplementedError
+        """A plan with ``detail()`` for this Conv, or the reason to leave it alone."""
 
+    @abc.abstractmethod
     def chain(self, node: ir.Node, plan) -> list[NewConv]:
-        raise NotImplementedError
+        """The convs that replace ``node`` under ``plan``."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         names = Names(model)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import pytest
+
+import models
 
 from onnxcompress.passes.fold_batchnorm import FoldBatchNorm
 from onnxcompress.passes.lift_constants import LiftConstants
@@ -29,7 +30,6 @@ from tests.graphs import (
 )
 
 
-DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
 
 
 def fold_and_compare(model: ir.Model, producer: str) -> FoldBatchNorm:
@@ -350,9 +350,8 @@ def test_refuses_a_matmul_weight_that_is_not_2d():
     assert_refused(b.model([y]), "the MatMul weight is 3-D, only 2-D weights fold")
 
 
-@pytest.mark.skipif(not DIGITS.exists(), reason="models/digits_cnn.onnx not committed yet")
 def test_digits_cnn_folds_every_bn():
-    model = ir.load(DIGITS)
+    model = ir.load(models.fetch("digits_cnn"))
     feeds = random_feeds(model, batch=16)
     before = run(model, feeds)
     reference = clone(model)
