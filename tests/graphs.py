@@ -270,6 +270,39 @@ def find_node(model: ir.Model, name: str) -> ir.Node:
 # ---------------------------------------------------------------------------- BN models
 
 
+def conv_model(weight, size=(10, 12), bias=True, name="conv", spatial_names=None, rng=None, **attrs) -> ir.Model:
+    """x[N, C, *size] → Conv(weight, bias) → y; the bias is drawn from ``rng``."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    b = Builder()
+    dims = spatial_names if spatial_names is not None else list(size)
+    x = b.input("x", ["N", weight.shape[1] * attrs.get("group", 1), *dims])
+    inputs = [x, b.init("W", np.asarray(weight, np.float32))]
+    if bias:
+        inputs.append(b.init("b", (0.1 * rng.standard_normal(weight.shape[0])).astype(np.float32)))
+    y = b.op("Conv", inputs, name=name, **attrs)
+    y.name = "y"
+    return b.model([y])
+
+
+def apply_and_compare(model: ir.Model, pass_, rel: float = 1e-5):
+    """Run ``pass_`` on ``model``: it must change it, keep it valid and keep its outputs."""
+    feeds = random_feeds(model, seed=1)
+    before = run(model, feeds)
+    assert pass_(model).modified
+    check(model)
+    assert_close(before, run(model, feeds), rel=rel)
+    return pass_
+
+
+def assert_left_alone(pass_, model: ir.Model, reason: str, node: str) -> None:
+    """``pass_`` leaves ``model`` byte for byte as it was and refuses ``node`` with ``reason``."""
+    snapshot = ir.to_onnx_text(model)
+    assert not pass_(model).modified
+    assert ir.to_onnx_text(model) == snapshot
+    found = refusals(pass_, node)
+    assert found and reason in found[0], found
+
+
 def bn_params(channels: int, seed: int = 1, dtype=np.float32) -> dict[str, np.ndarray]:
     """Realistic inference BatchNorm statistics: gamma≈1, beta≈0, mean≈0, var in [0.5, 2]."""
     rng = np.random.default_rng(seed)

@@ -28,8 +28,10 @@ from onnxcompress.conv_split import rank_for_energy
 from onnxcompress.errors import OptionError
 from onnxcompress.instruments import LINEAGE_KEY
 from onnxcompress.pipeline import Pipeline
+from tests import graphs
 from tests.graphs import (
     Builder,
+    apply_and_compare,
     assert_close,
     check,
     clone,
@@ -45,16 +47,7 @@ RNG = np.random.default_rng(7)
 
 
 def conv_model(weight, size=(10, 12), bias=True, name="conv", spatial_names=None, **attrs) -> ir.Model:
-    """x[N, C, *size] → Conv(weight, bias) → y."""
-    b = Builder()
-    dims = spatial_names if spatial_names is not None else list(size)
-    x = b.input("x", ["N", weight.shape[1] * attrs.get("group", 1), *dims])
-    inputs = [x, b.init("W", np.asarray(weight, np.float32))]
-    if bias:
-        inputs.append(b.init("b", (0.1 * RNG.standard_normal(weight.shape[0])).astype(np.float32)))
-    y = b.op("Conv", inputs, name=name, **attrs)
-    y.name = "y"
-    return b.model([y])
+    return graphs.conv_model(weight, size, bias, name, spatial_names, rng=RNG, **attrs)
 
 
 def low_rank_weight(n, c, kh, kw, rank, seed=0) -> np.ndarray:
@@ -67,13 +60,7 @@ def low_rank_weight(n, c, kh, kw, rank, seed=0) -> np.ndarray:
 
 
 def split_and_compare(model: ir.Model, options: SplitSpatialOptions, rel: float = 1e-5) -> SplitSpatial:
-    feeds = random_feeds(model, seed=1)
-    before = run(model, feeds)
-    p = SplitSpatial(options)
-    assert p(model).modified
-    check(model)
-    assert_close(before, run(model, feeds), rel=rel)
-    return p
+    return apply_and_compare(model, SplitSpatial(options), rel)
 
 
 # ---------------------------------------------------------------------------- the math
