@@ -8,7 +8,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.metrics import Drift, output_drift, tensor_drift
-from onnxcompress.runtime import intermediate_names, make_session, run_all, with_extra_outputs
+from onnxcompress.activations import capture
+from onnxcompress.runtime import intermediate_names, make_session, run_all
 
 
 @dataclasses.dataclass
@@ -45,12 +46,10 @@ def per_tensor_drift(a: ir.Model, b: ir.Model, feeds: list[dict]) -> list[Tensor
     names = list(producers)
     if not names:
         return []
-    ref = run_all(make_session(with_extra_outputs(a, names), optimize=False), feeds)
-    cand = run_all(make_session(with_extra_outputs(b, names), optimize=False), feeds)
+    ref, cand = capture(a, names, feeds), capture(b, names, feeds)
     result = []
     for name in names:
-        refs = [r[name] for r in ref]
-        cands = [c[name] for c in cand]
+        refs, cands = ref[name], cand[name]
         if any(np.shape(x) != np.shape(y) for x, y in zip(refs, cands)):
             continue
         if any(np.asarray(x).dtype.kind not in "fiub" for x in refs):
