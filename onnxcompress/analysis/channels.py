@@ -591,14 +591,8 @@ def _ints_attr(node: ir.Node, name: str):
 
 
 def _const_tensor(value: ir.Value | None):
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        return producer.attributes["value"].as_tensor()
-    return None
+    """The initializer or Constant-node tensor behind ``value``, else None."""
+    return ir.convenience.get_const_tensor(value) if value is not None else None
 
 
 def _const_shape(value: ir.Value | None):
