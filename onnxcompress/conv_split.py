@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.initializers import Names
+from onnxcompress.initializers import Names, drop_if_unused, new_initializer, take_over
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 
 logger = logging.getLogger(__name__)
@@ -67,11 +67,7 @@ def validate_common(options, energy: float, exclude: str, min_params: int) -> No
         options.fail("energy", f"must lie in (0, 1], got {energy}")
     if min_params < 0:
         options.fail("min_params", f"must be 0 or more, got {min_params}")
-    if exclude:
-        try:
-            re.compile(exclude)
-        except re.error as exc:
-            options.fail("exclude", f"is not a valid regular expression: {exc}")
+    options.check_pattern("exclude")
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -249,9 +245,7 @@ def replace_conv(node: ir.Node, chain: Sequence[NewConv], names: Names) -> list[
     current = x
     for i, part in enumerate(chain):
         w_name = names.unique(f"{weight.name or base}{part.suffix}")
-        tensor = ir.tensor(np.ascontiguousarray(part.weight.astype(dtype.numpy())), name=w_name)
-        w_value = ir.Value(name=w_name, shape=ir.Shape(tensor.shape), type=ir.TensorType(dtype), const_value=tensor)
-        graph.register_initializer(w_value)
+        w_value = new_initializer(graph, w_name, part.weight.astype(dtype.numpy()))
         inputs = [current, w_value] + ([part.bias] if part.bias is not None else [])
         new = ir.node("Conv", inputs, attributes=part.attributes, name=names.unique(f"{base}{part.suffix}"))
         out = new.outputs[0]
@@ -263,15 +257,11 @@ def replace_conv(node: ir.Node, chain: Sequence[NewConv], names: Names) -> list[
         current = out
     graph.insert_after(node, new_nodes)
     last = new_nodes[-1].outputs[0]
-    last.type = old_out.type if old_out.type is not None else ir.TensorType(dtype)
-    last.shape = old_out.shape
-    name = old_out.name
-    old_out.replace_all_uses_with(last, replace_graph_outputs=True)
+    take_over(old_out, last)
+    if last.type is None:
+        last.type = ir.TensorType(dtype)
     graph.remove(node, safe=True)
-    old_out.name = None
-    last.name = name
-    if not weight.uses() and weight.is_initializer() and not weight.is_graph_input() and not weight.is_graph_output():
-        weight.graph.initializers.pop(weight.name, None)
+    drop_if_unused(weight)
     return new_nodes
 
 

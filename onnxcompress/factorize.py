@@ -54,6 +54,7 @@ import re
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.initializers import take_over
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import node_label
 
@@ -320,11 +321,7 @@ class LowRankOptions(PassOptions):
             self.fail("damping", f"must be a positive number, got {self.damping}")
         if self.min_elements < 0:
             self.fail("min_elements", f"must be 0 or more, got {self.min_elements}")
-        if self.exclude:
-            try:
-                re.compile(self.exclude)
-            except re.error as exc:
-                self.fail("exclude", f"is not a valid regular expression: {exc}")
+        self.check_pattern("exclude")
 
     @property
     def rule(self) -> RankRule:
@@ -471,15 +468,5 @@ def replace_node(node: ir.Node, first: ir.Node, second: ir.Node, hidden_name: st
     if old.type is not None:
         hidden.type = old.type  # same element type; the shape is left to shape inference
     graph.insert_before(node, [first, second])
-    new.type = old.type
-    new.shape = old.shape
-    name = old.name
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    take_over(old, new)
     graph.remove(node, safe=True)
-    old.name = None
-    new.name = name
-
-
-def drop_if_unused(model: ir.Model, value: ir.Value) -> None:
-    if value.is_initializer() and not value.uses() and not value.is_graph_output() and not value.is_graph_input():
-        model.graph.initializers.pop(value.name, None)

@@ -8,15 +8,17 @@ import numpy as np
 import onnx_ir as ir
 
 
-def new_initializer(model: ir.Model, base: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as an initializer named ``base`` (or ``base2``, ``base3``… if taken)."""
+def new_initializer(owner: ir.Model | ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer of the model's main graph (or of the given graph)
+    named ``base`` (or ``base2``, ``base3``… if taken)."""
+    graph = owner.graph if isinstance(owner, ir.Model) else owner
     name, n = base, 1
-    while name in model.graph.initializers:
+    while name in graph.initializers:
         n += 1
         name = f"{base}{n}"
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    model.graph.register_initializer(value)
+    graph.register_initializer(value)
     return value
 
 
@@ -25,9 +27,23 @@ def replace_constant_input(model: ir.Model, node: ir.Node, index: int, array: np
     old = node.inputs[index]
     new = new_initializer(model, f"{old.name}{suffix}", array)
     node.replace_input_with(index, new)
-    if not old.uses() and old.is_initializer() and not old.is_graph_input() and not old.is_graph_output():
-        del model.graph.initializers[old.name]
+    drop_if_unused(old)
     return new
+
+
+def drop_if_unused(value: ir.Value) -> None:
+    """Remove an initializer nothing reads any more (graph inputs and outputs stay)."""
+    if value.is_initializer() and not value.uses() and not value.is_graph_input() and not value.is_graph_output():
+        value.graph.initializers.pop(value.name, None)
+
+
+def take_over(old: ir.Value, new: ir.Value) -> None:
+    """``new`` replaces ``old`` everywhere, graph outputs included, and takes its name, type and shape."""
+    new.type, new.shape = old.type, old.shape
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name = None
+    new.name = name
 
 
 class Names:

@@ -30,6 +30,15 @@ class PassOptions:
     def fail(self, option_name: str, message: str) -> typing.NoReturn:
         raise OptionError(f"{self.pass_name}: option '{option_name}' {message}")
 
+    def check_pattern(self, option_name: str) -> None:
+        """Fail unless the option holds a valid regular expression (an empty one is unset)."""
+        pattern = getattr(self, option_name)
+        if pattern:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                self.fail(option_name, f"is not a valid regular expression: {exc}")
+
 
 def _field_types(cls: type[PassOptions]) -> dict[str, Any]:
     return typing.get_type_hints(cls)

@@ -17,13 +17,12 @@ from onnxcompress.factorize import (
     constant_array,
     constant_reason,
     describe,
-    drop_if_unused,
     plan,
     replace_node,
     shared_reason,
     shrink_reason,
 )
-from onnxcompress.initializers import Names, new_initializer
+from onnxcompress.initializers import Names, drop_if_unused, new_initializer
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 from onnxcompress.reconstruct import conv_geometry, im2col
 from onnxcompress.registry import register
@@ -190,7 +189,7 @@ class LowRankConv(CompressionPass):
             second = ir.node("Conv", inputs, attributes={"kernel_shape": [1] * spatial}, name=node.name or None)
             hidden = names.unique(f"{node.outputs[0].name or label}_lowrank")
             replace_node(node, first, second, hidden)
-        drop_if_unused(model, weight)
+        drop_if_unused(weight)
 
 
 def _is_conv(node: ir.Node) -> bool:

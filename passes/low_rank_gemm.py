@@ -17,13 +17,12 @@ from onnxcompress.factorize import (
     constant_array,
     constant_reason,
     describe,
-    drop_if_unused,
     plan,
     replace_node,
     shared_reason,
     shrink_reason,
 )
-from onnxcompress.initializers import Names, new_initializer
+from onnxcompress.initializers import Names, drop_if_unused, new_initializer
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 from onnxcompress.registry import register
 
@@ -204,7 +203,7 @@ class LowRankGemm(CompressionPass):
                 second = ir.node("MatMul", [first.outputs[0], b_value], name=node.name or None)
             hidden = names.unique(f"{node.outputs[0].name or label}_lowrank")
             replace_node(node, first, second, hidden)
-        drop_if_unused(model, weight)
+        drop_if_unused(weight)
 
 
 def _is_gemm(node: ir.Node) -> bool:

@@ -44,11 +44,7 @@ class PruneChannelsOptions(PassOptions):
             self.fail("min_channels", f"must be at least 1, got {self.min_channels}")
         if self.round_to < 1:
             self.fail("round_to", f"must be at least 1, got {self.round_to}")
-        if self.exclude:
-            try:
-                re.compile(self.exclude)
-            except re.error as exc:
-                self.fail("exclude", f"is not a valid regular expression: {exc}")
+        self.check_pattern("exclude")
 
 
 @register

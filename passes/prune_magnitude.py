@@ -46,11 +46,7 @@ class PruneMagnitudeOptions(PassOptions):
             self.fail("sparsity", f"must lie in [0, 1), got {self.sparsity}")
         if self.min_elements < 0:
             self.fail("min_elements", f"must be at least 0, got {self.min_elements}")
-        if self.exclude:
-            try:
-                re.compile(self.exclude)
-            except re.error as exc:
-                self.fail("exclude", f"is not a valid regular expression: {exc}")
+        self.check_pattern("exclude")
         if self.pattern:
             n, m = self._parse_pattern()
             implied = 1.0 - n / m
