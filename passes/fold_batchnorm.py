@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.initializers import Names
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 from onnxcompress.registry import register
 
@@ -56,7 +57,7 @@ class FoldBatchNorm(CompressionPass):
     preserves = ()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self._names = _value_names(model)
+        self._names = Names(model)
         folded = 0
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if _is_bn(node):
@@ -118,13 +119,13 @@ class FoldBatchNorm(CompressionPass):
         bias = self._new_initializer(bn.graph, f"{fold.weight.name}_bias", tensor)
         # The MatMul's values change, so its output gets a new name (drift localisation
         # compares activations by name).
-        matmul.outputs[0].name = self._unique(f"{matmul.outputs[0].name}_bnfolded")
+        matmul.outputs[0].name = self._names.unique(f"{matmul.outputs[0].name}_bnfolded")
         add = ir.node("Add", [matmul.outputs[0], bias], name=bn.name or None)
         bn.graph.insert_before(bn, add)
         return add.outputs[0]
 
     def _new_initializer(self, graph: ir.Graph, base: str, tensor: ir.TensorProtocol) -> ir.Value:
-        tensor.name = self._unique(base)
+        tensor.name = self._names.unique(base)
         value = ir.Value(
             name=tensor.name,
             shape=ir.Shape(tensor.shape),
@@ -134,13 +135,6 @@ class FoldBatchNorm(CompressionPass):
         graph.register_initializer(value)
         return value
 
-    def _unique(self, base: str) -> str:
-        name, i = base, 0
-        while name in self._names:
-            i += 1
-            name = f"{base}_{i}"
-        self._names.add(name)
-        return name
 
 
 # ---------------------------------------------------------------------------- the checks
@@ -327,13 +321,3 @@ def _drop_unused_initializers(values: list[ir.Value]) -> None:
         if value.is_initializer() and not value.uses() and not value.is_graph_output():
             if not value.is_graph_input() and value.graph is not None:
                 value.graph.initializers.pop(value.name)
-
-
-def _value_names(model: ir.Model) -> set[str]:
-    names: set[str] = set()
-    for graph in model.graphs():
-        names.update(v.name for v in graph.inputs if v.name)
-        names.update(graph.initializers)
-        for node in graph:
-            names.update(v.name for v in node.outputs if v.name)
-    return names
