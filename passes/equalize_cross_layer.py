@@ -10,15 +10,20 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.activations import stream
 from onnxcompress.errors import CalibrationError
 from onnxcompress.initializers import Names, drop_if_unused, take_over
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 from onnxcompress.registry import register
-from onnxcompress.runtime import make_session, with_extra_outputs
 
 _LAYERS = ("Conv", "Gemm", "MatMul")
 _HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu")
+# Element-wise activations for which f(x / s) != f(x) / s.
+_ELEMENTWISE = frozenset({
+    "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Softplus", "Softsign",
+    "Gelu", "Mish", "ThresholdedRelu", "Exp", "Log", "Sqrt", "Sin", "Cos", "Erf",
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,11 +367,15 @@ def _next_layer(middle: ir.Value) -> tuple[ir.Node | None, ir.Node] | str:
                 "not the data input of a Conv, Gemm or MatMul")
     if consumer.op_type in _LAYERS and consumer.domain == "" and consumer.inputs[0] is middle:
         return None, consumer
-    after = consumer.outputs[0] if len(consumer.outputs) == 1 else None
-    uses = after.uses() if after is not None else []
+    # A one-input op (Sigmoid, Tanh, HardSwish...) that sits between two layers.
+    unary = len(consumer.outputs) == 1 and all(v is None or v is middle or _const_tensor(v) is not None
+                                                for v in consumer.inputs)
+    uses = consumer.outputs[0].uses() if unary else []
     if len(uses) == 1 and uses[0].node.op_type in _LAYERS and uses[0].idx == 0:
-        return (f"{consumer.op_type} '{node_label(consumer)}' between it and '{node_label(uses[0].node)}' "
-                "is not positively homogeneous")
+        between = f"{consumer.op_type} '{node_label(consumer)}' between it and '{node_label(uses[0].node)}'"
+        if consumer.op_type in _ELEMENTWISE:
+            return f"{between} is not positively homogeneous"
+        return f"{between} is not an activation that equalization passes through"
     return f"its output feeds {consumer.op_type} '{node_label(consumer)}', not a Conv, Gemm or MatMul"
 
 
@@ -514,10 +523,10 @@ def _fit_bounds(model: ir.Model, pairs: list[_Pair], feeds: list[dict]) -> None:
 
 def _channel_maxima(model: ir.Model, names: list[str], families: list[str], feeds: list[dict]) -> list[np.ndarray]:
     """Per-channel maxima of the named tensors over the feeds, one feed in memory at a time."""
-    session = make_session(with_extra_outputs(model, names), optimize=False)
     peaks: list[np.ndarray | None] = [None] * len(names)
-    for feed in feeds:
-        for i, (array, family) in enumerate(zip(session.run(names, feed), families)):
+    for values in stream(model, names, feeds):
+        for i, (name, family) in enumerate(zip(names, families)):
+            array = values[name]
             axis = 1 if family == "conv" else array.ndim - 1
             moved = np.moveaxis(np.asarray(array, np.float64), axis, 0)
             peak = moved.reshape(moved.shape[0], -1).max(axis=1)
