@@ -17,7 +17,7 @@ def new_initializer(owner: ir.Model | ir.Graph, base: str, array: np.ndarray) ->
         n += 1
         name = f"{base}{n}"
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+                     const_value=ir.tensor(np.require(array, requirements="C"), name=name))  # ascontiguousarray would make a 0-d array 1-d
     graph.register_initializer(value)
     return value
 
