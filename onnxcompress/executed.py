@@ -1,0 +1,62 @@
+"""What onnxruntime actually executes: the graph after its own optimizer, read back.
+
+onnxruntime fuses DequantizeLinear → op → QuantizeLinear groups into int8 kernels
+(QLinearConv, QLinearMatMul, …) only where it has one; elsewhere the op runs in float
+between a DQ and a Q, which costs time and buys nothing. Asking onnxruntime to write the
+graph it optimized (``optimized_model_filepath``, extended level: where the QDQ fusions
+happen) and reading which kernel each node became is the only reliable way to know.
+A fused node keeps the name of the op it replaced; a node onnxruntime decomposed into
+other float ops disappears from the graph.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxcompress.runtime import session_options
+
+INT8_KERNELS = frozenset({
+    "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul", "QLinearConcat",
+    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
+    "QGemm", "ConvInteger", "MatMulInteger", "QLinearConvTranspose", "DynamicQuantizeMatMul", "MatMulNBits",
+})
+
+
+def executed_kernels(model: ir.Model) -> dict[str, tuple[str, str]]:
+    """``{node name: (domain, op type)}`` of the graph onnxruntime runs for ``model``."""
+    options = session_options()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "model.onnx")
+        target = os.path.join(tmp, "optimized.onnx")
+        ir.save(model, source, external_data="model.onnx.data" if _large(model) else None)
+        options.optimized_model_filepath = target
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(target, load_external_data=False)
+    return {node.name: (node.domain, node.op_type) for node in optimized.graph.node if node.name}
+
+
+def int8_kernel(kernels: dict[str, tuple[str, str]], name: str) -> str | None:
+    """The int8 kernel node ``name`` became, or None if it runs in float (or was decomposed)."""
+    found = kernels.get(name)
+    if found is None:
+        return None
+    return found[1] if found[1] in INT8_KERNELS else None
+
+
+def float_reason(kernels: dict[str, tuple[str, str]], name: str) -> str:
+    found = kernels.get(name)
+    if found is None:
+        return "onnxruntime decomposes it into float ops, so it would run in float between Q and DQ"
+    return f"onnxruntime has no int8 kernel for it here and would run it as float {found[1]} between Q and DQ"
+
+
+def _large(model: ir.Model) -> bool:
+    from onnxcompress.modelio import EXTERNAL_DATA_THRESHOLD, initializer_bytes
+
+    return initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD

@@ -1,0 +1,354 @@
+"""QuantizeLinear/DequantizeLinear placement: which tensors get a Q→DQ pair, and the graph edit.
+
+The plan names *units*: the nodes onnxruntime can run as one int8 kernel when their float
+inputs come from DequantizeLinear and their output goes to QuantizeLinear (Conv, MatMul,
+Add, pooling, …), plus constant Gather tables. Given the units to enable and each tensor's
+quantization parameters, :func:`apply` rewrites the graph:
+
+- every float activation input of an enabled unit gets Q→DQ, and the unit reads the DQ;
+- a weight becomes an int8 initializer (symmetric, per output channel or per tensor) read
+  through its own DequantizeLinear; a Conv bias becomes int32 at input_scale·weight_scale
+  (a weight scale is raised where a bias would not fit int32); a constant operand of Add, Mul
+  or Concat is stored on the activation grid;
+- the output of an enabled unit gets Q→DQ, and then *every* consumer reads the DQ (a direct
+  float reader would stop onnxruntime from fusing the producer);
+- a Relu or Clip that is the only reader of an enabled unit's output is removed when the
+  output's quantization clamps exactly as it does (Relu: zero point at the grid's minimum;
+  Clip: the grid's range inside the clip's, to half a step): Q(act(x)) = Q(x) then;
+- data movement ops (Reshape, Transpose, MaxPool, …) whose input is produced in int8 pass it
+  on: their output gets Q→DQ with the same parameters, which onnxruntime drops so the op
+  runs on int8 data;
+- a constant Gather table (an embedding) is stored on the activation grid and dequantized
+  after the Gather, so only the gathered rows are expanded;
+- graph outputs stay float: a unit producing one keeps its output unquantized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.initializers import Names, new_initializer
+from onnxcompress.quantization import INT8_NARROW, INT32, QType, affine_params, quantize, symmetric_scales
+
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul"})
+ARITHMETIC_OPS = frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu", "Softmax"})
+UNIT_OPS = WEIGHTED_OPS | ARITHMETIC_OPS
+# Ops that only move or select values: int8 in, int8 out at the same scale.
+MOVE_OPS = frozenset({
+    "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Resize", "Slice", "Gather",
+    "Identity", "Split", "DepthToSpace", "SpaceToDepth",
+})
+FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Per-tensor affine quantization of one activation."""
+
+    scale: np.float32
+    zero_point: int
+    qtype: QType
+
+    @classmethod
+    def covering(cls, lo: float, hi: float, qtype: QType) -> "Params":
+        scale, zero_point = affine_params(lo, hi, qtype)
+        return cls(scale, zero_point, qtype)
+
+    def representable(self) -> tuple[float, float]:
+        return (self.qtype.qmin - self.zero_point) * float(self.scale), (self.qtype.qmax - self.zero_point) * float(self.scale)
+
+    def describe(self) -> str:
+        return f"{self.qtype.name} scale {float(self.scale):.4g} zero point {self.zero_point}"
+
+
+def is_float_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and value.const_value.dtype in (ir.DataType.FLOAT,)
+
+
+def weight_axis(node: ir.Node, weight: np.ndarray, per_channel: bool) -> int | None:
+    """The output-channel axis of a unit's weight (None: per tensor)."""
+    if not per_channel:
+        return None
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1 if node.attributes.get_int("group", 1) == 1 else None
+    return 1 if weight.ndim == 2 else None  # MatMul: per column of K×N
+
+
+def fused_activation(node: ir.Node) -> ir.Node | None:
+    """The Relu/Clip that is the only reader of ``node``'s output, if there is one."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if out.is_graph_output() or len(uses) != 1:
+        return None
+    reader = uses[0].node
+    if reader.op_type not in FUSABLE_ACTIVATIONS or reader.domain != "" or reader.graph is not node.graph:
+        return None
+    if reader.op_type == "Clip" and clip_bounds(reader) is None:
+        return None
+    return reader
+
+
+def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """(min, max) of a Clip whose bounds are constants (attributes before opset 11)."""
+    if "min" in node.attributes or "max" in node.attributes:
+        return node.attributes.get_float("min", -np.inf), node.attributes.get_float("max", np.inf)
+    bounds = []
+    for index, default in ((1, -np.inf), (2, np.inf)):
+        value = node.inputs[index] if len(node.inputs) > index else None
+        if value is None:
+            bounds.append(default)
+        elif value.const_value is None:
+            return None
+        else:
+            bounds.append(float(value.const_value.numpy()))
+    return bounds[0], bounds[1]
+
+
+def removable(activation: ir.Node, params: Params) -> bool:
+    """Whether Q(act(x)) = Q(x) for the activation's output parameters."""
+    lo, hi = params.representable()
+    half = 0.5 * float(params.scale)
+    if activation.op_type == "Relu":
+        return params.zero_point == params.qtype.qmin
+    a, b = clip_bounds(activation)
+    return lo >= a - half and hi <= b + half
+
+
+def activation_inputs(node: ir.Node) -> list[int]:
+    """Indices of the inputs a unit reads as quantized activations."""
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose"):
+        return [0]
+    if op == "MatMul":
+        return [0] if is_float_constant(node.inputs[1]) else [0, 1]
+    if op in ("Add", "Mul", "Concat"):
+        return [i for i, v in enumerate(node.inputs) if v is not None and v.const_value is None]
+    return [0]
+
+
+def constant_operands(node: ir.Node) -> list[int]:
+    """Indices of constant float operands of Add/Mul/Concat, stored on the activation grid."""
+    if node.op_type not in ("Add", "Mul", "Concat"):
+        return []
+    return [i for i, v in enumerate(node.inputs) if is_float_constant(v)]
+
+
+def tensors_to_calibrate(node: ir.Node) -> list[str]:
+    """Activation tensors whose ranges a unit needs: its activation inputs and its output
+    (the fused activation's output instead when there is one)."""
+    names = [node.inputs[i].name for i in activation_inputs(node)]
+    act = fused_activation(node)
+    names.append((act or node).outputs[0].name)
+    return names
+
+
+class Builder:
+    """Rewrites one model for a set of enabled units (node indices in graph order)."""
+
+    def __init__(self, model: ir.Model, params: dict[str, Params], activations: QType, per_channel: bool = True):
+        self.model = model
+        self.graph = model.graph
+        self.params = params
+        self.activations = activations
+        self.per_channel = per_channel
+        self.names = Names(model)
+
+    def apply(self, units: list[ir.Node], tables: list[ir.Node]) -> dict[str, str]:
+        """Rewrite the graph; returns each unit's name → a short description of what it became."""
+        done: dict[str, str] = {}
+        for node in units:
+            if not node.name:
+                node.name = self.names.unique(f"{node.op_type}_quant")
+        produced: dict[str, Params] = {}  # tensors computed in int8 → their parameters
+        for node in units:
+            out_name = self._fuse_activation(node)
+            if out_name is not None and not node.outputs[0].is_graph_output():
+                produced[node.outputs[0].name] = self.params[out_name]
+        self._follow_moves(produced)
+        wanted: dict[str, Params] = dict(produced)
+        for node in units:
+            for i in activation_inputs(node):
+                name = node.inputs[i].name
+                wanted.setdefault(name, self.params[name])
+        inputs = {node: [wanted[node.inputs[i].name] for i in activation_inputs(node)] for node in units}
+        unit_set = set(units)
+        for name, p in wanted.items():
+            self._insert_qdq(self._value(name), p, all_readers=name in produced, readers=unit_set)
+        for node in units:
+            done[node.name] = self._quantize_constants(node, inputs[node])
+        for node in tables:
+            done[node.name or node.outputs[0].name] = self._quantize_table(node)
+        self.graph.sort()
+        return done
+
+    # ------------------------------------------------------------------ placement
+
+    def _fuse_activation(self, node: ir.Node) -> str | None:
+        """Remove a Relu/Clip the output's grid reproduces; the name whose parameters the
+        unit's output now takes (None when the unit's output is not calibrated)."""
+        act = fused_activation(node)
+        if act is None:
+            return node.outputs[0].name if node.outputs[0].name in self.params else None
+        act_out = act.outputs[0]
+        p = self.params.get(act_out.name)
+        if p is None or not removable(act, p):
+            return node.outputs[0].name if node.outputs[0].name in self.params else None
+        unit_out = node.outputs[0]
+        name = act_out.name
+        act_out.replace_all_uses_with(unit_out, replace_graph_outputs=True)
+        self.graph.remove(act, safe=True)
+        self.params = {**self.params, unit_out.name: p}
+        return name
+
+    def _follow_moves(self, produced: dict[str, Params]) -> None:
+        """Data movement ops fed by an int8 tensor pass its parameters on, in graph order."""
+        for node in self.graph:
+            if node.op_type not in MOVE_OPS or node.domain != "" or not node.inputs or node.inputs[0] is None:
+                continue
+            p = produced.get(node.inputs[0].name)
+            if p is None:
+                continue
+            for out in node.outputs:
+                if out is not None and not out.is_graph_output():
+                    produced[out.name] = p
+
+    def _value(self, name: str) -> ir.Value:
+        for v in self.graph.inputs:
+            if v.name == name:
+                return v
+        for node in self.graph:
+            for v in node.outputs:
+                if v.name == name:
+                    return v
+        raise KeyError(name)
+
+    def _insert_qdq(self, value: ir.Value, p: Params, all_readers: bool, readers: set[ir.Node]) -> None:
+        uses = [(u.node, u.idx) for u in value.uses() if all_readers or u.node in readers]
+        if not uses:
+            return
+        base = value.name
+        scale = self._scalar(f"{base}_scale", np.array(p.scale, dtype=np.float32))
+        zero = self._scalar(f"{base}_zero_point", np.array(p.zero_point, dtype=p.qtype.numpy))
+        q = ir.node("QuantizeLinear", [value, scale, zero], name=self.names.unique(f"{base}_QuantizeLinear"))
+        q.outputs[0].name = self.names.unique(f"{base}_quantized")
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=self.names.unique(f"{base}_DequantizeLinear"))
+        dq.outputs[0].name = self.names.unique(f"{base}_dequantized")
+        dq.outputs[0].type, dq.outputs[0].shape = value.type, value.shape
+        self.graph.extend([q, dq])
+        for node, index in uses:
+            node.replace_input_with(index, dq.outputs[0])
+
+    def _scalar(self, base: str, array: np.ndarray) -> ir.Value:
+        return new_initializer(self.model, self.names.unique(base), array)
+
+    # ------------------------------------------------------------------ constants
+
+    def _quantize_constants(self, node: ir.Node, inputs: list[Params]) -> str:
+        """Quantize the unit's weight, bias and constant operands; describe the result."""
+        parts = []
+        if node.op_type in WEIGHTED_OPS and is_float_constant(node.inputs[1]):
+            parts.append(self._quantize_weight(node, inputs[0]))
+        for i in constant_operands(node):
+            self._quantize_operand(node, i)
+            parts.append(f"constant input {i} on the {self.activations.name} grid")
+        described = ", ".join(p.describe() for p in inputs)
+        return "; ".join([f"inputs {described}"] + parts)
+
+    def _quantize_weight(self, node: ir.Node, input_params: Params) -> str:
+        weight = node.inputs[1]
+        w = weight.const_value.numpy()
+        axis = weight_axis(node, w, self.per_channel)
+        bias = node.inputs[2] if node.op_type in ("Conv", "ConvTranspose") and len(node.inputs) > 2 else None
+        scale = symmetric_scales(w, axis, INT8_NARROW)
+        raised = 0
+        if is_float_constant(bias):
+            scale, raised = _fit_bias(bias.const_value.numpy(), float(input_params.scale), scale)
+        q = quantize(w, scale, 0, INT8_NARROW, axis)
+        base = weight.name or f"{node.name}_weight"
+        q_value = new_initializer(self.model, self.names.unique(f"{base}_quantized"), q)
+        s_value = new_initializer(self.model, self.names.unique(f"{base}_scale"), scale if axis is not None else np.float32(scale))
+        z_value = new_initializer(self.model, self.names.unique(f"{base}_zero_point"), np.zeros_like(q, shape=scale.shape if axis is not None else ()))
+        node.replace_input_with(1, self._dequantize(q_value, s_value, z_value, axis, f"{base}_DequantizeLinear"))
+        detail = f"weight int8 {'per channel' if axis is not None else 'per tensor'}"
+        if is_float_constant(bias):
+            b = bias.const_value.numpy()
+            qb = np.rint(b.astype(np.float64) / (np.float64(input_params.scale) * scale.astype(np.float64))).astype(np.int32)
+            bias_scale = (np.float32(input_params.scale) * scale).astype(np.float32)
+            bq = new_initializer(self.model, self.names.unique(f"{bias.name}_quantized"), qb)
+            bs = new_initializer(self.model, self.names.unique(f"{bias.name}_scale"), bias_scale)
+            bz = new_initializer(self.model, self.names.unique(f"{bias.name}_zero_point"), np.zeros_like(qb))
+            node.replace_input_with(2, self._dequantize(bq, bs, bz, 0 if axis is not None else None, f"{bias.name}_DequantizeLinear"))
+            detail += ", bias int32"
+            if raised:
+                detail += f" ({raised} weight scales raised so the bias fits int32)"
+        for old in (weight, bias):
+            if old is not None and old.is_initializer() and not old.uses():
+                self.graph.initializers.pop(old.name, None)
+        return detail
+
+    def _dequantize(self, q: ir.Value, s: ir.Value, z: ir.Value, axis: int | None, name: str) -> ir.Value:
+        attributes = {"axis": axis} if axis is not None else {}
+        dq = ir.node("DequantizeLinear", [q, s, z], attributes=attributes, name=self.names.unique(name))
+        dq.outputs[0].name = self.names.unique(f"{q.name}_dequantized")
+        self.graph.append(dq)
+        return dq.outputs[0]
+
+    def _quantize_operand(self, node: ir.Node, index: int) -> None:
+        value = node.inputs[index]
+        array = value.const_value.numpy()
+        p = Params.covering(float(array.min()), float(array.max()), self.activations)
+        q = quantize(array, p.scale, p.zero_point, p.qtype)
+        base = value.name or f"{node.name}_input{index}"
+        q_value = new_initializer(self.model, self.names.unique(f"{base}_quantized"), q)
+        s_value = self._scalar(f"{base}_scale", np.array(p.scale, dtype=np.float32))
+        z_value = self._scalar(f"{base}_zero_point", np.array(p.zero_point, dtype=p.qtype.numpy))
+        node.replace_input_with(index, self._dequantize(q_value, s_value, z_value, None, f"{base}_DequantizeLinear"))
+        if value.is_initializer() and not value.uses():
+            self.graph.initializers.pop(value.name, None)
+
+    def _quantize_table(self, node: ir.Node) -> str:
+        """Gather(table, ids) → DequantizeLinear(Gather(q_table, ids)): the same rows, exactly
+        as a DQ in front of the Gather would give them, at a quarter of the bytes."""
+        table = node.inputs[0]
+        array = table.const_value.numpy()
+        p = Params.covering(float(array.min()), float(array.max()), self.activations)
+        base = table.name or f"{node.name}_table"
+        q_value = new_initializer(self.model, self.names.unique(f"{base}_quantized"), quantize(array, p.scale, p.zero_point, p.qtype))
+        node.replace_input_with(0, q_value)
+        if table.is_initializer() and not table.uses():
+            self.graph.initializers.pop(table.name, None)
+        out = node.outputs[0]
+        s_value = self._scalar(f"{base}_scale", np.array(p.scale, dtype=np.float32))
+        z_value = self._scalar(f"{base}_zero_point", np.array(p.zero_point, dtype=p.qtype.numpy))
+        readers = [(u.node, u.idx) for u in out.uses()]
+        dq = ir.node("DequantizeLinear", [out, s_value, z_value], name=self.names.unique(f"{base}_DequantizeLinear"))
+        rows = dq.outputs[0]
+        rows.type, rows.shape = out.type, out.shape
+        for reader, index in readers:
+            reader.replace_input_with(index, rows)
+        outputs = self.graph.outputs
+        for i, v in enumerate(outputs):
+            if v is out:
+                outputs[i] = rows
+        name = out.name
+        out.name = self.names.unique(f"{name}_quantized")
+        out.type = ir.TensorType(p.qtype.ir_type)
+        rows.name = name
+        self.graph.insert_after(node, dq)
+        return f"table stored {p.describe()}, dequantized after the Gather"
+
+
+def _fit_bias(bias: np.ndarray, input_scale: float, scale: np.ndarray) -> tuple[np.ndarray, int]:
+    """Raise weight scales where bias / (input_scale · scale) would not fit int32."""
+    per = np.broadcast_to(scale, bias.shape).astype(np.float64)
+    needed = np.abs(bias.astype(np.float64)) / (input_scale * INT32.qmax)
+    raise_mask = needed > per
+    if not raise_mask.any():
+        return scale, 0
+    fitted = np.where(raise_mask, needed * 1.0001, per).astype(np.float32)
+    return (fitted if np.ndim(scale) else np.float32(fitted.max())), int(raise_mask.sum())

@@ -1,0 +1,384 @@
+"""quantize-qdq: calibrated int8 QuantizeLinear/DequantizeLinear placed where onnxruntime fuses it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections import Counter
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnxscript.version_converter
+
+from onnxcompress.activations import stream
+from onnxcompress.errors import CalibrationError, DriftBudgetError
+from onnxcompress.executed import executed_kernels, float_reason, int8_kernel
+from onnxcompress.histogram import StreamingHistogram, calibrated_range
+from onnxcompress.initializers import Names, drop_if_unused, new_initializer, take_over
+from onnxcompress.metrics import DriftBudget, format_db, output_drift, worst
+from onnxcompress.options import PassOptions, option
+from onnxcompress.pass_base import Candidate, CompressionPass, node_label
+from onnxcompress.qdq import (
+    MOVE_OPS,
+    UNIT_OPS,
+    WEIGHTED_OPS,
+    Builder,
+    Params,
+    activation_inputs,
+    fused_activation,
+    is_float_constant,
+)
+from onnxcompress.quantization import ACTIVATION_TYPES, quantized_reason
+from onnxcompress.registry import register
+from onnxcompress.runtime import make_session, run_all
+
+logger = logging.getLogger(__name__)
+
+MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeQdqOptions(PassOptions):
+    calibration: Literal["minmax", "percentile", "entropy", "mse"] = option(
+        "minmax", "how activation ranges are read off the streamed histograms")
+    percentile: float = option(99.99, "for calibration=percentile: the share of values (%) kept inside the range at each end")
+    activations: Literal["uint8", "int8"] = option("uint8", "activation type (weights are always int8)")
+    per_channel: bool = option(True, "int8 weights with one scale per output channel (false: one per tensor)")
+    tables: bool = option(True, "store constant Gather tables (embeddings) on the activation grid")
+    exclude: str = option("", "regular expression: nodes whose name matches stay float")
+    exclude_ops: str = option("", "op types that stay float, separated by | (e.g. 'Add|Softmax')")
+    fallback: str = option("", "drift budget (e.g. 'sqnr=25', 'top1=0.95,sqnr=20'): keep the fewest worst nodes in float until it holds")
+    fallback_samples: int = option(16, "calibration feeds the fallback search measures drift on")
+    bins: int = option(4096, "histogram bins per tensor (memory per tensor is fixed by this, not by the data)")
+
+    def __post_init__(self):
+        if not 50.0 < self.percentile <= 100.0:
+            self.fail("percentile", f"must lie in (50, 100], got {self.percentile:g}")
+        if self.bins < 64 or self.bins % 4:
+            self.fail("bins", f"must be a multiple of 4, at least 64, got {self.bins}")
+        if self.fallback_samples < 1:
+            self.fail("fallback_samples", f"must be at least 1, got {self.fallback_samples}")
+        self.check_pattern("exclude")
+        for op in self.excluded_ops():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", op):
+                self.fail("exclude_ops", f"holds '{op}', which is not an op type")
+        if self.fallback:
+            try:
+                DriftBudget.parse(self.fallback)
+            except DriftBudgetError as exc:
+                self.fail("fallback", str(exc))
+
+    def excluded_ops(self) -> list[str]:
+        return [op.strip() for op in self.exclude_ops.split("|") if op.strip()]
+
+    def budget(self) -> DriftBudget | None:
+        return DriftBudget.parse(self.fallback) if self.fallback else None
+
+
+@register
+class QuantizeQdq(CompressionPass):
+    """Insert QuantizeLinear/DequantizeLinear pairs so that onnxruntime runs int8 kernels.
+
+    Units are Conv, ConvTranspose, MatMul (constant weight, or two activations as in
+    attention), Gemm (rewritten first as the exactly equal MatMul + Add), Add, Mul, Concat,
+    GlobalAveragePool, AveragePool, Sigmoid, LeakyRelu and Softmax, plus constant Gather tables.
+    Weights are int8 symmetric (narrow range, per output channel by default), Conv biases
+    int32 at input_scale·weight_scale, activations uint8 (or int8) per tensor with ranges
+    calibrated on the feeds (streamed histograms: memory does not grow with the number of
+    feeds; ``calibration=minmax|percentile|entropy|mse``). Placement follows onnxruntime's
+    fusion rules (see :mod:`onnxcompress.qdq`): Relu/Clip folded only where the output's grid
+    clamps the same way, data movement ops pass int8 through, graph outputs stay float.
+
+    The pass then reads back the graph onnxruntime executes for the result and keeps in
+    float, with the reason, every unit onnxruntime would still run in float (it has no int8
+    HardSwish, for one, and decomposes it), repeating until nothing changes; the report
+    says which int8 kernel each unit became. ``fallback=BUDGET`` measures the drift each
+    unit causes when it alone is quantized (onnxruntime, ``fallback_samples`` feeds), and
+    keeps the worst in float, the fewest that make the whole model meet the budget (binary
+    search over how many, assuming that keeping more in float never hurts).
+
+    Left alone, with a note: a model that is already quantized (QuantizeLinear, QLinearConv,
+    DynamicQuantizeLinear, ConvInteger, MatMulNBits…). Refused per node, with the reason:
+    names matching ``exclude``, op types in ``exclude_ops``, a weight or bias that is not a
+    constant float, a tensor that is not float32, nodes inside If/Loop/Scan bodies (not
+    visited). An opset below 13 is converted to 13 first. Without calibration data: an error.
+
+    Exact limit: float values already on the chosen grids (weights on their int8 per-channel
+    grid, activations on their uint8 grid, biases on the int32 grid) come out unchanged, up
+    to float rounding in onnxruntime's integer kernels.
+    """
+
+    name = "quantize-qdq"
+    Options = QuantizeQdqOptions
+    prerequisites = ("lift-constants", "fold-batchnorm")
+    lossless = False
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if reason := quantized_reason(model):
+            self.note(f"{reason}: left alone")
+            return ir.passes.PassResult(model, modified=False)
+        feeds = self.context.calibration
+        if not feeds:
+            raise CalibrationError("quantize-qdq needs calibration data to set activation ranges (--calib)")
+        modified = _ensure_opset(model, self)
+        candidates = self._select(model)
+        if not candidates:
+            self.note("nothing to quantize")
+            return ir.passes.PassResult(model, modified=modified)
+        if any(n.op_type == "Gemm" for n in candidates):
+            names = Names(model)
+            candidates = [m for n in candidates for m in (_gemm_as_matmul(model, n, names) if n.op_type == "Gemm" else [n])]
+            modified = True
+        params = self._calibrate(model, candidates, feeds)
+        items = self._calibrated(candidates, params)
+        if not items:
+            return ir.passes.PassResult(model, modified=modified)
+        index = {node: i for i, node in enumerate(model.graph)}
+        enabled, kernels = self._keep_what_runs_int8(model, items, params, index)
+        budget = self.options.budget()
+        fallback: dict[ir.Node, str] = {}
+        if budget is not None and enabled:
+            enabled, fallback, kernels = self._fall_back(model, enabled, params, index, budget, feeds)
+        done = _build(model, enabled, params, self.options, index, in_place=True)
+        self._report(enabled, fallback, kernels, done, params, feeds)
+        return ir.passes.PassResult(model, modified=modified or bool(enabled))
+
+    def candidates(self, model: ir.Model) -> list[Candidate]:
+        """Nodes this pass would try to quantize (onnxruntime's check and fallback come later)."""
+        if quantized_reason(model):
+            return []
+        saved, self.records = self.records, []
+        try:
+            nodes = self._select(model)
+        finally:
+            self.records = saved
+        return [Candidate(self.name, node_label(n), n.op_type, "int8 (QDQ, calibrated)") for n in nodes]
+
+    # ------------------------------------------------------------------ selection
+
+    def _select(self, model: ir.Model) -> list[ir.Node]:
+        excluded_ops = set(self.options.excluded_ops())
+        pattern = re.compile(self.options.exclude) if self.options.exclude else None
+        chosen = []
+        for node in model.graph:
+            if node.domain != "" or not (node.op_type in UNIT_OPS or node.op_type == "Gemm" or _is_table(node)):
+                continue
+            if node.op_type in excluded_ops:
+                self.refused(node, f"op type {node.op_type} excluded by exclude_ops")
+            elif pattern is not None and node.name and pattern.search(node.name):
+                self.refused(node, f"excluded by exclude={self.options.exclude}")
+            elif _is_table(node):
+                if self.options.tables:
+                    chosen.append(node)
+            elif reason := _unit_reason(node):
+                self.refused(node, reason)
+            else:
+                chosen.append(node)
+        return chosen
+
+    def _calibrated(self, candidates: list[ir.Node], params: dict[str, Params]) -> list[ir.Node]:
+        items = []
+        for node in candidates:
+            if _is_table(node):
+                items.append(node)
+                continue
+            missing = [n for n in _tensors(node) if n not in params]
+            if missing:
+                self.refused(node, f"tensor '{missing[0]}' is not float32 (or was never computed on the feeds)")
+            else:
+                items.append(node)
+        return items
+
+    # ------------------------------------------------------------------ calibration
+
+    def _calibrate(self, model: ir.Model, nodes: list[ir.Node], feeds: list[dict]) -> dict[str, Params]:
+        names = list(dict.fromkeys(name for node in nodes if not _is_table(node) for name in _tensors(node)))
+        histograms = {name: StreamingHistogram(self.options.bins) for name in names}
+        floats = set(names)
+        for values in stream(model, names, feeds):
+            for name, array in values.items():
+                if array.dtype != np.float32:
+                    floats.discard(name)
+                elif name in floats:
+                    histograms[name].update(array)
+        qtype = ACTIVATION_TYPES[self.options.activations]
+        params = {}
+        for name in names:
+            if name in floats and histograms[name].total:
+                lo, hi = calibrated_range(histograms[name], self.options.calibration, qtype, self.options.percentile)
+                params[name] = Params.covering(lo, hi, qtype)
+        self.note(f"calibrated {len(params)} activation tensors on {len(feeds)} feeds ({self.options.calibration}, "
+                  f"{self.options.bins} bins each)")
+        return params
+
+    # ------------------------------------------------------------------ what onnxruntime runs
+
+    def _keep_what_runs_int8(self, model, items, params, index, rounds: int = 3):
+        enabled = list(items)
+        kernels: dict[str, tuple[str, str]] = {}
+        for _ in range(rounds):
+            candidate = _build(model, enabled, params, self.options, index)
+            kernels = executed_kernels(candidate.model)
+            floats = [n for n in enabled if not _is_table(n) and int8_kernel(kernels, candidate.names[n]) is None]
+            if not floats:
+                return enabled, kernels
+            for node in floats:
+                self.refused(node, float_reason(kernels, candidate.names[node]))
+            enabled = [n for n in enabled if n not in floats]
+        return enabled, kernels
+
+    # ------------------------------------------------------------------ fallback
+
+    def _fall_back(self, model, enabled, params, index, budget: DriftBudget, feeds):
+        probe_feeds = feeds[: self.options.fallback_samples]
+        reference = run_all(make_session(model), probe_feeds)
+
+        def drift(nodes):
+            built = _build(model, nodes, params, self.options, index)
+            return worst(output_drift(reference, run_all(make_session(built.model), probe_feeds)))
+
+        alone = {node: drift([node]) for node in enabled}
+        ranked = sorted(enabled, key=lambda n: alone[n].sqnr_db)
+        lo, hi = 0, len(ranked)  # keeping the hi worst in float meets the budget
+        whole = drift(ranked)
+        if not budget.violations(whole):
+            hi = 0
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if mid and not budget.violations(drift(ranked[mid:])):
+                hi = mid
+            else:
+                lo = mid + 1
+        kept = ranked[hi:]
+        fallback = {n: f"kept in float by fallback={self.options.fallback}: quantized alone it drifts to "
+                    f"{format_db(alone[n].sqnr_db)}" for n in ranked[:hi]}
+        final = drift(kept) if kept else None
+        self.note(f"fallback: {hi} of {len(ranked)} nodes kept in float to meet {budget} "
+                  f"(all quantized: {format_db(whole.sqnr_db)}"
+                  + (f", result: {format_db(final.sqnr_db)})" if final else ")"))
+        kernels = executed_kernels(_build(model, kept, params, self.options, index).model) if kept else {}
+        return kept, fallback, kernels
+
+    # ------------------------------------------------------------------ report
+
+    def _report(self, enabled, fallback, kernels, done, params, feeds):
+        for node, reason in fallback.items():
+            self.refused(node, reason)
+        counts = Counter()
+        for node in enabled:
+            label = node.name or node_label(node)
+            kernel = "Gather on the quantized table" if _is_table(node) else int8_kernel(kernels, node.name) or "int8"
+            counts[kernel] += 1
+            self.rewrote(node, f"{kernel}: {done.get(label, '')}")
+        if counts:
+            listed = ", ".join(f"{c} {k}" for k, c in counts.most_common())
+            self.note(f"onnxruntime runs {listed}")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _is_table(node: ir.Node) -> bool:
+    return (node.op_type == "Gather" and node.domain == "" and is_float_constant(node.inputs[0])
+            and node.inputs[1] is not None and node.inputs[1].const_value is None)
+
+
+def _unit_reason(node: ir.Node) -> str:
+    if node.graph is None:
+        return "inside a subgraph"
+    op = node.op_type
+    if op == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return "Gemm with transA=1 is not handled"
+        if not is_float_constant(node.inputs[1]) or node.inputs[1].const_value.numpy().ndim != 2:
+            return "Gemm whose weight is not a constant float 2-D tensor"
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        if c is not None and not is_float_constant(c):
+            return "Gemm whose bias is not a constant float"
+        return ""
+    if op in ("Conv", "ConvTranspose"):
+        if not is_float_constant(node.inputs[1]):
+            return f"weight '{node.inputs[1].name}' is not a constant float tensor"
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None and not is_float_constant(bias):
+            return f"bias '{bias.name}' is not a constant float tensor"
+    if op == "MatMul" and node.inputs[0].const_value is not None:
+        return "MatMul whose first input is a constant is not handled"
+    if op in ("Add", "Mul", "Concat") and not activation_inputs(node):
+        return "all inputs are constants (fold-constants removes it)"
+    if not node.outputs or node.outputs[0] is None:
+        return "no output"
+    if op != "MatMul" and node.outputs[0].is_graph_output():
+        return ("its output is a graph output, which stays float: onnxruntime runs it in int8 only "
+                "with a QuantizeLinear after it")
+    return ""
+
+
+def _tensors(node: ir.Node) -> list[str]:
+    names = [node.inputs[i].name for i in activation_inputs(node)]
+    names.append(node.outputs[0].name)
+    act = fused_activation(node)
+    if act is not None:
+        names.append(act.outputs[0].name)
+    return names
+
+
+def _ensure_opset(model: ir.Model, pass_: QuantizeQdq) -> bool:
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if version is None or version >= MIN_OPSET:
+        return False
+    onnxscript.version_converter.convert_version(model, MIN_OPSET)
+    pass_.note(f"converted from opset {version} to {MIN_OPSET} (per-channel QuantizeLinear needs it)")
+    return True
+
+
+def _gemm_as_matmul(model: ir.Model, gemm: ir.Node, names: Names) -> list[ir.Node]:
+    """Gemm(x, B, C) → Add(MatMul(x, alpha·op(B)), beta·C), equal in float: onnxruntime has
+    QDQ fusions for MatMul and Add, none for Gemm. Returns the new MatMul (named as the Gemm
+    was) and the bias Add."""
+    w = gemm.inputs[1].const_value.numpy().astype(np.float32)
+    if gemm.attributes.get_int("transB", 0):
+        w = w.T
+    w = np.ascontiguousarray(np.float32(gemm.attributes.get_float("alpha", 1.0)) * w, dtype=np.float32)
+    label = gemm.name or node_label(gemm)
+    weight = new_initializer(model, names.unique(f"{gemm.inputs[1].name}_matmul"), w)
+    matmul = ir.node("MatMul", [gemm.inputs[0], weight], name=gemm.name or names.unique("Gemm_MatMul"))
+    matmul.outputs[0].name = names.unique(f"{gemm.outputs[0].name}_matmul")
+    nodes = [matmul]
+    out = matmul.outputs[0]
+    c = gemm.inputs[2] if len(gemm.inputs) > 2 else None
+    if c is not None:
+        bias = (np.float32(gemm.attributes.get_float("beta", 1.0)) * c.const_value.numpy()).astype(np.float32)
+        bias_value = new_initializer(model, names.unique(f"{c.name}_bias"), bias)
+        add = ir.node("Add", [out, bias_value], name=names.unique(f"{label}_bias"))
+        nodes.append(add)
+        out = add.outputs[0]
+    gemm.graph.insert_before(gemm, nodes)
+    take_over(gemm.outputs[0], out)
+    old = [v for v in gemm.inputs[1:] if v is not None]
+    gemm.graph.remove(gemm, safe=True)
+    for value in old:
+        drop_if_unused(value)
+    return nodes
+
+
+@dataclasses.dataclass
+class _Built:
+    model: ir.Model
+    names: dict[ir.Node, str]  # original node → its name in the built model
+
+
+def _build(model: ir.Model, enabled: list[ir.Node], params, options: QuantizeQdqOptions, index, in_place: bool = False):
+    """The model with ``enabled`` quantized: rewritten in place, or a clone (``in_place=False``)."""
+    target = model if in_place else model.clone()
+    nodes = list(target.graph) if not in_place else None
+    mapped = {node: (node if in_place else nodes[index[node]]) for node in enabled}
+    builder = Builder(target, params, ACTIVATION_TYPES[options.activations], options.per_channel)
+    units = [mapped[n] for n in enabled if not _is_table(n)]
+    tables = [mapped[n] for n in enabled if _is_table(n)]
+    done = builder.apply(units, tables)
+    if in_place:
+        return done
+    return _Built(target, {node: mapped[node].name for node in enabled})
