@@ -170,7 +170,7 @@ def _kl_after_quantizing(reference: np.ndarray, clipped: np.ndarray, levels: int
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 
-def _mse_range(hist: StreamingHistogram, qtype: QType, steps: int = 100) -> tuple[float, float]:
+def _mse_range(hist: StreamingHistogram, qtype: QType, steps: int = 120) -> tuple[float, float]:
     values, counts = hist.with_zeros()
     keep = counts > 0
     values, counts = values[keep], counts[keep]
@@ -180,11 +180,12 @@ def _mse_range(hist: StreamingHistogram, qtype: QType, steps: int = 100) -> tupl
         q = np.clip(np.rint(values / scale) + zero_point, qtype.qmin, qtype.qmax)
         return float(np.sum(counts * ((q - zero_point) * scale - values) ** 2))
 
+    shares = np.geomspace(1e-3, 1.0, steps)  # long tails put the optimum far below the maximum
     lo, hi = hist.min, hist.max
-    shrink = min(np.linspace(0.05, 1.0, steps), key=lambda a: error(a * lo, a * hi))
+    shrink = min(shares, key=lambda a: error(a * lo, a * hi))
     lo, hi = shrink * lo, shrink * hi
     if hist.min < 0:
-        lo = min(np.linspace(0.05, 1.0, steps) * hist.min, key=lambda v: error(v, hi))
+        lo = min(shares * hist.min, key=lambda v: error(v, hi))
     if hist.max > 0:
-        hi = min(np.linspace(0.05, 1.0, steps) * hist.max, key=lambda v: error(lo, v))
-    return float(lo), float(hi)
+        hi = min(shares * hist.max, key=lambda v: error(lo, v))
+    return float(min(lo, 0.0)), float(max(hi, 0.0))

@@ -150,8 +150,10 @@ def tensors_to_calibrate(node: ir.Node) -> list[str]:
 class Builder:
     """Rewrites one model for a set of enabled units (node indices in graph order)."""
 
-    def __init__(self, model: ir.Model, params: dict[str, Params], activations: QType, per_channel: bool = True):
+    def __init__(self, model: ir.Model, params: dict[str, Params], activations: QType, per_channel: bool = True,
+                 weights: tuple[QType, int] = (INT8_NARROW, 0)):
         self.model = model
+        self.weight_type, self.weight_zero = weights
         self.graph = model.graph
         self.params = params
         self.activations = activations
@@ -264,17 +266,19 @@ class Builder:
         w = weight.const_value.numpy()
         axis = weight_axis(node, w, self.per_channel)
         bias = node.inputs[2] if node.op_type in ("Conv", "ConvTranspose") and len(node.inputs) > 2 else None
-        scale = symmetric_scales(w, axis, INT8_NARROW)
+        wtype, wzero = self.weight_type, self.weight_zero
+        scale = symmetric_scales(w, axis, wtype, wzero)
         raised = 0
         if is_float_constant(bias):
             scale, raised = _fit_bias(bias.const_value.numpy(), float(input_params.scale), scale)
-        q = quantize(w, scale, 0, INT8_NARROW, axis)
+        q = quantize(w, scale, wzero, wtype, axis)
         base = weight.name or f"{node.name}_weight"
         q_value = new_initializer(self.model, self.names.unique(f"{base}_quantized"), q)
         s_value = new_initializer(self.model, self.names.unique(f"{base}_scale"), scale if axis is not None else np.float32(scale))
-        z_value = new_initializer(self.model, self.names.unique(f"{base}_zero_point"), np.zeros_like(q, shape=scale.shape if axis is not None else ()))
+        z_value = new_initializer(self.model, self.names.unique(f"{base}_zero_point"),
+                                  np.full(scale.shape if axis is not None else (), wzero, dtype=wtype.numpy))
         node.replace_input_with(1, self._dequantize(q_value, s_value, z_value, axis, f"{base}_DequantizeLinear"))
-        detail = f"weight int8 {'per channel' if axis is not None else 'per tensor'}"
+        detail = f"weight {_weight_name(wtype)} {'per channel' if axis is not None else 'per tensor'}"
         if is_float_constant(bias):
             b = bias.const_value.numpy()
             qb = np.rint(b.astype(np.float64) / (np.float64(input_params.scale) * scale.astype(np.float64))).astype(np.int32)
@@ -341,6 +345,10 @@ class Builder:
         rows.name = name
         self.graph.insert_after(node, dq)
         return f"table stored {p.describe()}, dequantized after the Gather"
+
+
+def _weight_name(qtype: QType) -> str:
+    return {(-63, 63): "int7", (1, 255): "uint8"}.get((qtype.qmin, qtype.qmax), qtype.name)
 
 
 def _fit_bias(bias: np.ndarray, input_scale: float, scale: np.ndarray) -> tuple[np.ndarray, int]:

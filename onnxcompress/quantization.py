@@ -40,11 +40,18 @@ class QType:
 UINT8 = QType("uint8", np.uint8, 0, 255, ir.DataType.UINT8)
 INT8 = QType("int8", np.int8, -128, 127, ir.DataType.INT8)
 INT8_NARROW = QType("int8", np.int8, -127, 127, ir.DataType.INT8)  # symmetric weights
+# 7-bit symmetric weights: u8·s8 products summed in pairs stay inside int16, so x86 CPUs
+# without VNNI (whose u8s8 kernel adds pairs with int16 saturation) compute them exactly.
+INT7 = QType("int8", np.int8, -63, 63, ir.DataType.INT8)
+# uint8 weights centred on 128: onnxruntime's u8u8 kernels widen to 16 bits, no saturation.
+UINT8_CENTRED = QType("uint8", np.uint8, 1, 255, ir.DataType.UINT8)
 INT32 = QType("int32", np.int32, -(2**31), 2**31 - 1, ir.DataType.INT32)
 INT4 = QType("int4", np.int8, -8, 7, ir.DataType.INT4)
 UINT4 = QType("uint4", np.uint8, 0, 15, ir.DataType.UINT4)
 
 ACTIVATION_TYPES = {"uint8": UINT8, "int8": INT8}
+# Weight grids: (type, zero point). The symmetric scale is max|w| / (qmax - zero point).
+WEIGHT_TYPES = {"int8": (INT8_NARROW, 0), "int7": (INT7, 0), "uint8": (UINT8_CENTRED, 128)}
 
 # Ops whose presence means the model was quantized already (by us or by another tool).
 QUANTIZED_OPS = frozenset({
@@ -99,8 +106,9 @@ def dequantize(q: np.ndarray, scale, zero_point=0, axis: int | None = None) -> n
     return ((q.astype(np.float32) - z) * s).astype(np.float32)
 
 
-def symmetric_scales(w: np.ndarray, axis: int | None, qtype: QType = INT8_NARROW) -> np.ndarray:
-    """Per-channel (``axis``) or per-tensor (``axis=None``) symmetric scales ``max|w| / qmax``.
+def symmetric_scales(w: np.ndarray, axis: int | None, qtype: QType = INT8_NARROW, zero_point: int = 0) -> np.ndarray:
+    """Per-channel (``axis``) or per-tensor (``axis=None``) symmetric scales
+    ``max|w| / (qmax - zero_point)``.
 
     A channel that is all zero gets scale 1 (any scale represents it exactly; DequantizeLinear
     needs a positive one)."""
@@ -110,7 +118,7 @@ def symmetric_scales(w: np.ndarray, axis: int | None, qtype: QType = INT8_NARROW
     else:
         reduce = tuple(i for i in range(w.ndim) if i != axis)
         peak = np.max(np.abs(w), axis=reduce) if reduce else np.abs(w)
-    scale = peak / qtype.qmax
+    scale = peak / (qtype.qmax - zero_point)
     return np.where(scale > 0, scale, 1.0).astype(np.float32)
 
 

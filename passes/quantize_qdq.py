@@ -30,13 +30,14 @@ from onnxcompress.qdq import (
     fused_activation,
     is_float_constant,
 )
-from onnxcompress.quantization import ACTIVATION_TYPES, quantized_reason
+from onnxcompress.quantization import ACTIVATION_TYPES, WEIGHT_TYPES, quantized_reason
 from onnxcompress.registry import register
 from onnxcompress.runtime import make_session, run_all
 
 logger = logging.getLogger(__name__)
 
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
+CONVERT_TO = 18  # the oldest opset onnxscript's version converter targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,9 @@ class QuantizeQdqOptions(PassOptions):
         "minmax", "how activation ranges are read off the streamed histograms")
     percentile: float = option(99.99, "for calibration=percentile: the share of values (%) kept inside the range at each end")
     activations: Literal["uint8", "int8"] = option("uint8", "activation type (weights are always int8)")
+    weights: Literal["int8", "int7", "uint8"] = option(
+        "int8", "weight grid: int8 [-127, 127]; int7 [-63, 63] for x86 CPUs without VNNI, whose u8s8 kernel "
+        "saturates sums of int8 products; uint8 centred on 128 (onnxruntime's u8u8 kernels, no saturation)")
     per_channel: bool = option(True, "int8 weights with one scale per output channel (false: one per tensor)")
     tables: bool = option(True, "store constant Gather tables (embeddings) on the activation grid")
     exclude: str = option("", "regular expression: nodes whose name matches stay float")
@@ -103,7 +107,7 @@ class QuantizeQdq(CompressionPass):
     DynamicQuantizeLinear, ConvInteger, MatMulNBits…). Refused per node, with the reason:
     names matching ``exclude``, op types in ``exclude_ops``, a weight or bias that is not a
     constant float, a tensor that is not float32, nodes inside If/Loop/Scan bodies (not
-    visited). An opset below 13 is converted to 13 first. Without calibration data: an error.
+    visited). An opset below 13 is converted to 18 first. Without calibration data: an error.
 
     Exact limit: float values already on the chosen grids (weights on their int8 per-channel
     grid, activations on their uint8 grid, biases on the int32 grid) come out unchanged, up
@@ -329,8 +333,8 @@ def _ensure_opset(model: ir.Model, pass_: QuantizeQdq) -> bool:
     version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if version is None or version >= MIN_OPSET:
         return False
-    onnxscript.version_converter.convert_version(model, MIN_OPSET)
-    pass_.note(f"converted from opset {version} to {MIN_OPSET} (per-channel QuantizeLinear needs it)")
+    onnxscript.version_converter.convert_version(model, CONVERT_TO)
+    pass_.note(f"converted from opset {version} to {CONVERT_TO} (per-channel QuantizeLinear needs {MIN_OPSET})")
     return True
 
 
@@ -375,7 +379,8 @@ def _build(model: ir.Model, enabled: list[ir.Node], params, options: QuantizeQdq
     target = model if in_place else model.clone()
     nodes = list(target.graph) if not in_place else None
     mapped = {node: (node if in_place else nodes[index[node]]) for node in enabled}
-    builder = Builder(target, params, ACTIVATION_TYPES[options.activations], options.per_channel)
+    builder = Builder(target, params, ACTIVATION_TYPES[options.activations], options.per_channel,
+                      WEIGHT_TYPES[options.weights])
     units = [mapped[n] for n in enabled if not _is_table(n)]
     tables = [mapped[n] for n in enabled if _is_table(n)]
     done = builder.apply(units, tables)
