@@ -10,10 +10,10 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-import onnxscript.version_converter
+import onnx.version_converter
 
 from onnxcompress.activations import stream
-from onnxcompress.errors import CalibrationError, DriftBudgetError
+from onnxcompress.errors import CalibrationError, DriftBudgetError, ModelLoadError
 from onnxcompress.executed import executed_kernels, float_reason, int8_kernel
 from onnxcompress.histogram import StreamingHistogram, calibrated_range
 from onnxcompress.initializers import Names, drop_if_unused, new_initializer, take_over
@@ -37,7 +37,6 @@ from onnxcompress.runtime import make_session, run_all
 logger = logging.getLogger(__name__)
 
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
-CONVERT_TO = 18  # the oldest opset onnxscript's version converter targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +106,7 @@ class QuantizeQdq(CompressionPass):
     DynamicQuantizeLinear, ConvInteger, MatMulNBits…). Refused per node, with the reason:
     names matching ``exclude``, op types in ``exclude_ops``, a weight or bias that is not a
     constant float, a tensor that is not float32, nodes inside If/Loop/Scan bodies (not
-    visited). An opset below 13 is converted to 18 first. Without calibration data: an error.
+    visited). An opset below 13 is converted to 13 first (onnx's version converter). Without calibration data: an error.
 
     Exact limit: float values already on the chosen grids (weights on their int8 per-channel
     grid, activations on their uint8 grid, biases on the int32 grid) come out unchanged, up
@@ -330,11 +329,17 @@ def _tensors(node: ir.Node) -> list[str]:
 
 
 def _ensure_opset(model: ir.Model, pass_: QuantizeQdq) -> bool:
+    """Bring an opset below 13 up to 13 with onnx's version converter (in place)."""
     version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if version is None or version >= MIN_OPSET:
         return False
-    onnxscript.version_converter.convert_version(model, CONVERT_TO)
-    pass_.note(f"converted from opset {version} to {CONVERT_TO} (per-channel QuantizeLinear needs {MIN_OPSET})")
+    try:
+        converted = ir.from_proto(onnx.version_converter.convert_version(ir.to_proto(model), MIN_OPSET))
+    except Exception as exc:  # the converter's own errors are plain exceptions
+        raise ModelLoadError(f"quantize-qdq needs opset {MIN_OPSET}, and onnx's version converter could not "
+                             f"convert this model from opset {version}: {exc}") from None
+    model.graph = converted.graph  # the opset imports live on the graph
+    pass_.note(f"converted from opset {version} to {MIN_OPSET} (per-channel QuantizeLinear needs it)")
     return True
 
 
