@@ -273,7 +273,7 @@ def passes_markdown() -> str:
     """The README's table of passes, generated from the registry."""
     lines = ["| pass | what it does | options (default) | runs after |", "|---|---|---|---|"]
     for cls in registry.builtin_passes():
-        opts = "<br>".join(f"`{n}={d}`: {h}" for n, _, d, h in describe_options(cls.Options)) or "none"
+        opts = "<br>".join(f"`{n}={d}`: {h}".replace("|", "\\|") for n, _, d, h in describe_options(cls.Options)) or "none"
         lines.append(f"| `{cls.name}` | {cls.summary()} | {opts} | {', '.join(cls.prerequisites) or '-'} |")
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ other float ops disappears from the graph.
 from __future__ import annotations
 
 import os
+import platform
 import tempfile
 
 import onnx
@@ -54,6 +55,20 @@ def float_reason(kernels: dict[str, tuple[str, str]], name: str) -> str:
     if found is None:
         return "onnxruntime decomposes it into float ops, so it would run in float between Q and DQ"
     return f"onnxruntime has no int8 kernel for it here and would run it as float {found[1]} between Q and DQ"
+
+
+def saturating_u8s8() -> bool:
+    """Whether this CPU is an x86 one without VNNI: onnxruntime's u8s8 kernels (uint8
+    activations × int8 weights) then add products in pairs with int16 saturation, which
+    255 · 127 · 2 exceeds; 7-bit weights (255 · 63 · 2 < 32767) stay exact."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
 
 
 def _large(model: ir.Model) -> bool:

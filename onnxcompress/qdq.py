@@ -26,6 +26,7 @@ quantization parameters, :func:`apply` rewrites the graph:
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -151,9 +152,9 @@ class Builder:
     """Rewrites one model for a set of enabled units (node indices in graph order)."""
 
     def __init__(self, model: ir.Model, params: dict[str, Params], activations: QType, per_channel: bool = True,
-                 weights: tuple[QType, int] = (INT8_NARROW, 0)):
+                 weights: Callable[[ir.Node], tuple[QType, int]] = lambda node: (INT8_NARROW, 0)):
         self.model = model
-        self.weight_type, self.weight_zero = weights
+        self.weight_grid = weights
         self.graph = model.graph
         self.params = params
         self.activations = activations
@@ -266,7 +267,7 @@ class Builder:
         w = weight.const_value.numpy()
         axis = weight_axis(node, w, self.per_channel)
         bias = node.inputs[2] if node.op_type in ("Conv", "ConvTranspose") and len(node.inputs) > 2 else None
-        wtype, wzero = self.weight_type, self.weight_zero
+        wtype, wzero = self.weight_grid(node)
         scale = symmetric_scales(w, axis, wtype, wzero)
         raised = 0
         if is_float_constant(bias):

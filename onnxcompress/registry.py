@@ -13,6 +13,16 @@ PRESETS: dict[str, tuple[str, str]] = {
         "lossless normalisation: lift Constant weights, fold constants and BatchNorm, clean up",
     ),
     "fast": ("lift-constants,cleanup", "only lift Constant-node weights and remove dead nodes"),
+    "int8": (
+        "lift-constants,fold-constants,fold-batchnorm,cleanup,infer-shapes,equalize-cross-layer{relu6=calibrated},"
+        "correct-bias,quantize-qdq{calibration=mse}",
+        "static int8 for onnxruntime: normalise, equalize channel ranges, correct the weights' bias, "
+        "QDQ with mse-calibrated activations (needs --calib)",
+    ),
+    "int8-dynamic": (
+        "lift-constants,fold-constants,cleanup,quantize-dynamic",
+        "int8 weights, activations quantized at run time (transformers; no calibration needed)",
+    ),
 }
 
 

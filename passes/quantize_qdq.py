@@ -14,7 +14,7 @@ import onnx.version_converter
 
 from onnxcompress.activations import stream
 from onnxcompress.errors import CalibrationError, DriftBudgetError, ModelLoadError
-from onnxcompress.executed import executed_kernels, float_reason, int8_kernel
+from onnxcompress.executed import executed_kernels, float_reason, int8_kernel, saturating_u8s8
 from onnxcompress.histogram import StreamingHistogram, calibrated_range
 from onnxcompress.initializers import Names, drop_if_unused, new_initializer, take_over
 from onnxcompress.metrics import DriftBudget, format_db, output_drift, worst
@@ -44,10 +44,11 @@ class QuantizeQdqOptions(PassOptions):
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = option(
         "minmax", "how activation ranges are read off the streamed histograms")
     percentile: float = option(99.99, "for calibration=percentile: the share of values (%) kept inside the range at each end")
-    activations: Literal["uint8", "int8"] = option("uint8", "activation type (weights are always int8)")
-    weights: Literal["int8", "int7", "uint8"] = option(
-        "int8", "weight grid: int8 [-127, 127]; int7 [-63, 63] for x86 CPUs without VNNI, whose u8s8 kernel "
-        "saturates sums of int8 products; uint8 centred on 128 (onnxruntime's u8u8 kernels, no saturation)")
+    activations: Literal["uint8", "int8"] = option("uint8", "activation type, per tensor (uint8 is what onnxruntime's x86 kernels fuse)")
+    weights: Literal["auto", "int8", "int7", "uint8"] = option(
+        "auto", "weight grid: int8 [-127, 127]; int7 [-63, 63], exact in the u8s8 kernels of x86 CPUs without "
+        "VNNI, which saturate sums of int8 products; uint8 centred on 128 (u8u8 kernels: exact, slower); "
+        "auto: int7 on such a CPU (int8 for depthwise convs, whose kernel does not saturate), int8 elsewhere")
     per_channel: bool = option(True, "int8 weights with one scale per output channel (false: one per tensor)")
     tables: bool = option(True, "store constant Gather tables (embeddings) on the activation grid")
     exclude: str = option("", "regular expression: nodes whose name matches stay float")
@@ -126,6 +127,9 @@ class QuantizeQdq(CompressionPass):
         if not feeds:
             raise CalibrationError("quantize-qdq needs calibration data to set activation ranges (--calib)")
         modified = _ensure_opset(model, self)
+        if self.options.weights == "auto" and saturating_u8s8():
+            self.note("weights int7 (int8 for depthwise convs): on this x86 CPU without VNNI onnxruntime's u8s8 "
+                      "kernels saturate sums of int8 products; weights=int8 for a VNNI target")
         candidates = self._select(model)
         if not candidates:
             self.note("nothing to quantize")
@@ -144,8 +148,9 @@ class QuantizeQdq(CompressionPass):
         fallback: dict[ir.Node, str] = {}
         if budget is not None and enabled:
             enabled, fallback, kernels = self._fall_back(model, enabled, params, index, budget, feeds)
+        tables = {n for n in enabled if _is_table(n)}
         done = _build(model, enabled, params, self.options, index, in_place=True)
-        self._report(enabled, fallback, kernels, done, params, feeds)
+        self._report(enabled, tables, fallback, kernels, done)
         return ir.passes.PassResult(model, modified=modified or bool(enabled))
 
     def candidates(self, model: ir.Model) -> list[Candidate]:
@@ -182,16 +187,22 @@ class QuantizeQdq(CompressionPass):
         return chosen
 
     def _calibrated(self, candidates: list[ir.Node], params: dict[str, Params]) -> list[ir.Node]:
-        items = []
+        """The candidates whose tensors are all float32 and calibrated; integer arithmetic
+        (shape computations) is not a candidate at all, only counted in a note."""
+        items, integer = [], 0
         for node in candidates:
             if _is_table(node):
                 items.append(node)
                 continue
             missing = [n for n in _tensors(node) if n not in params]
-            if missing:
-                self.refused(node, f"tensor '{missing[0]}' is not float32 (or was never computed on the feeds)")
-            else:
+            if not missing:
                 items.append(node)
+            elif missing[0] in self._integer_tensors:
+                integer += 1
+            else:
+                self.refused(node, f"tensor '{missing[0]}' was never computed on the calibration feeds")
+        if integer:
+            self.note(f"{integer} nodes compute on integers (shape arithmetic): not quantized")
         return items
 
     # ------------------------------------------------------------------ calibration
@@ -200,10 +211,12 @@ class QuantizeQdq(CompressionPass):
         names = list(dict.fromkeys(name for node in nodes if not _is_table(node) for name in _tensors(node)))
         histograms = {name: StreamingHistogram(self.options.bins) for name in names}
         floats = set(names)
+        self._integer_tensors = set()
         for values in stream(model, names, feeds):
             for name, array in values.items():
                 if array.dtype != np.float32:
                     floats.discard(name)
+                    self._integer_tensors.add(name)
                 elif name in floats:
                     histograms[name].update(array)
         qtype = ACTIVATION_TYPES[self.options.activations]
@@ -266,13 +279,13 @@ class QuantizeQdq(CompressionPass):
 
     # ------------------------------------------------------------------ report
 
-    def _report(self, enabled, fallback, kernels, done, params, feeds):
+    def _report(self, enabled, tables, fallback, kernels, done):
         for node, reason in fallback.items():
             self.refused(node, reason)
         counts = Counter()
         for node in enabled:
             label = node.name or node_label(node)
-            kernel = "Gather on the quantized table" if _is_table(node) else int8_kernel(kernels, node.name) or "int8"
+            kernel = "Gather on the quantized table" if node in tables else int8_kernel(kernels, node.name) or "int8"
             counts[kernel] += 1
             self.rewrote(node, f"{kernel}: {done.get(label, '')}")
         if counts:
@@ -373,6 +386,20 @@ def _gemm_as_matmul(model: ir.Model, gemm: ir.Node, names: Names) -> list[ir.Nod
     return nodes
 
 
+def weight_grid(choice: str):
+    """node → (weight type, zero point) for the ``weights`` option."""
+    if choice != "auto":
+        return lambda node: WEIGHT_TYPES[choice]
+    wide = WEIGHT_TYPES["int7" if saturating_u8s8() else "int8"]
+    return lambda node: WEIGHT_TYPES["int8"] if _depthwise(node) else wide
+
+
+def _depthwise(node: ir.Node) -> bool:
+    group = node.attributes.get_int("group", 1)
+    return node.op_type == "Conv" and group > 1 and node.inputs[1].const_value is not None \
+        and node.inputs[1].const_value.shape[1] == 1
+
+
 @dataclasses.dataclass
 class _Built:
     model: ir.Model
@@ -385,7 +412,7 @@ def _build(model: ir.Model, enabled: list[ir.Node], params, options: QuantizeQdq
     nodes = list(target.graph) if not in_place else None
     mapped = {node: (node if in_place else nodes[index[node]]) for node in enabled}
     builder = Builder(target, params, ACTIVATION_TYPES[options.activations], options.per_channel,
-                      WEIGHT_TYPES[options.weights])
+                      weight_grid(options.weights))
     units = [mapped[n] for n in enabled if not _is_table(n)]
     tables = [mapped[n] for n in enabled if _is_table(n)]
     done = builder.apply(units, tables)
