@@ -32,7 +32,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.initializers import Names, new_initializer
-from onnxcompress.quantization import INT8_NARROW, INT32, QType, affine_params, quantize, symmetric_scales
+from onnxcompress.executed import saturating_u8s8
+from onnxcompress.quantization import INT8_NARROW, INT32, WEIGHT_TYPES, QType, affine_params, quantize, symmetric_scales
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul"})
 ARITHMETIC_OPS = frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu", "Softmax"})
@@ -63,6 +64,20 @@ class Params:
 
     def describe(self) -> str:
         return f"{self.qtype.name} scale {float(self.scale):.4g} zero point {self.zero_point}"
+
+
+def weight_grid(choice: str):
+    """node → (weight type, zero point) for quantize-qdq's ``weights`` option (see there)."""
+    if choice != "auto":
+        return lambda node: WEIGHT_TYPES[choice]
+    wide = WEIGHT_TYPES["int7" if saturating_u8s8() else "int8"]
+    return lambda node: WEIGHT_TYPES["int8"] if _depthwise(node) else wide
+
+
+def _depthwise(node: ir.Node) -> bool:
+    group = node.attributes.get_int("group", 1)
+    return node.op_type == "Conv" and group > 1 and node.inputs[1].const_value is not None \
+        and node.inputs[1].const_value.shape[1] == 1
 
 
 def is_float_constant(value: ir.Value | None) -> bool:

@@ -122,16 +122,16 @@ def symmetric_scales(w: np.ndarray, axis: int | None, qtype: QType = INT8_NARROW
     return np.where(scale > 0, scale, 1.0).astype(np.float32)
 
 
-def quantize_weight(w: np.ndarray, axis: int | None, qtype: QType = INT8_NARROW) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric quantization of a weight: ``(q, scale)`` with zero point 0."""
-    scale = symmetric_scales(w, axis, qtype)
-    return quantize(w, scale, 0, qtype, axis), scale
+def quantize_weight(w: np.ndarray, axis: int | None, qtype: QType = INT8_NARROW, zero_point: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric quantization of a weight around ``zero_point``: ``(q, scale)``."""
+    scale = symmetric_scales(w, axis, qtype, zero_point)
+    return quantize(w, scale, zero_point, qtype, axis), scale
 
 
-def fake_quantize_weight(w: np.ndarray, axis: int | None, qtype: QType = INT8_NARROW) -> np.ndarray:
+def fake_quantize_weight(w: np.ndarray, axis: int | None, qtype: QType = INT8_NARROW, zero_point: int = 0) -> np.ndarray:
     """The float weight onnxruntime computes with after symmetric quantization."""
-    q, scale = quantize_weight(w, axis, qtype)
-    return dequantize(q, scale, 0, axis)
+    q, scale = quantize_weight(w, axis, qtype, zero_point)
+    return dequantize(q, scale, zero_point, axis)
 
 
 def affine_params(lo: float, hi: float, qtype: QType) -> tuple[np.float32, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 import re
 
 import numpy as np
@@ -10,10 +11,12 @@ import onnx_ir as ir
 
 from onnxcompress.activations import stream
 from onnxcompress.errors import CalibrationError
+from onnxcompress.factorize import constant_reason
 from onnxcompress.initializers import Names, new_initializer, replace_constant_input
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
-from onnxcompress.quantization import INT8_NARROW, fake_quantize_weight
+from onnxcompress.qdq import weight_grid
+from onnxcompress.quantization import fake_quantize_weight
 from onnxcompress.registry import register
 
 _LAYERS = ("Conv", "Gemm", "MatMul")
@@ -24,6 +27,8 @@ class CorrectBiasOptions(PassOptions):
     """Options of correct-bias."""
 
     per_channel: bool = option(True, "the int8 grid quantize-qdq will use: one scale per output channel (else per tensor)")
+    weights: Literal["auto", "int8", "int7", "uint8"] = option(
+        "auto", "the weight grid quantize-qdq will use (its option of the same name)")
     exclude: str = option("", "regular expression: nodes whose name matches are left alone")
 
     def __post_init__(self):
@@ -140,7 +145,7 @@ class CorrectBias(CompressionPass):
         if len(node.inputs) < 2 or node.inputs[1] is None:
             return f"the {op} has no weight input"
         weight = node.inputs[1]
-        if reason := _constant_reason(weight, "weight"):
+        if reason := constant_reason(weight, "weight"):
             return reason
         if op == "MatMul" and node.inputs[0] is weight:
             return "the MatMul reads its weight as both inputs"
@@ -152,11 +157,12 @@ class CorrectBias(CompressionPass):
         if op == "Gemm" and node.attributes.get_float("beta", 1.0) == 0.0:
             return "the Gemm has beta=0: it ignores its bias"
         axis = _channel_axis(node) if self.options.per_channel else None
-        eps = fake_quantize_weight(w, axis, INT8_NARROW).astype(np.float64) - w.astype(np.float64)
+        grid, zero_point = weight_grid(self.options.weights)(node)
+        eps = fake_quantize_weight(w, axis, grid, zero_point).astype(np.float64) - w.astype(np.float64)
         if not np.any(eps):
             return f"weight '{weight.name}' is already on the int8 grid"
         bias_node, index = _bias_place(node)
-        if index is not None and (reason := _constant_reason(bias_node.inputs[index], "bias")):
+        if index is not None and (reason := constant_reason(bias_node.inputs[index], "bias")):
             return reason
         return _Site(node, eps, bias_node, index)
 
@@ -179,20 +185,6 @@ class CorrectBias(CompressionPass):
         shape = old.shape[:-1] + (error.size,) if old.ndim else (error.size,)
         corrected = np.broadcast_to(old.astype(np.float64), shape) - error
         replace_constant_input(model, holder, index, corrected.astype(old.dtype), "_corrected")
-
-
-def _constant_reason(value: ir.Value, role: str) -> str:
-    label = f"{role} '{value.name}'"
-    if value.is_graph_input():
-        return f"{label} is a graph input, not a constant"
-    if value.const_value is None or not value.is_initializer():
-        producer = value.producer()
-        if producer is not None:
-            return f"{label} is not constant (computed by {producer.op_type} '{node_label(producer)}')"
-        return f"{label} is not a constant initializer"
-    if not value.const_value.dtype.is_floating_point():
-        return f"{label} is {value.const_value.dtype.name}, not floating point"
-    return ""
 
 
 def _channel_axis(node: ir.Node) -> int:

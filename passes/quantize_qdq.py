@@ -29,8 +29,9 @@ from onnxcompress.qdq import (
     activation_inputs,
     fused_activation,
     is_float_constant,
+    weight_grid,
 )
-from onnxcompress.quantization import ACTIVATION_TYPES, WEIGHT_TYPES, quantized_reason
+from onnxcompress.quantization import ACTIVATION_TYPES, quantized_reason
 from onnxcompress.registry import register
 from onnxcompress.runtime import make_session, run_all
 
@@ -384,20 +385,6 @@ def _gemm_as_matmul(model: ir.Model, gemm: ir.Node, names: Names) -> list[ir.Nod
     for value in old:
         drop_if_unused(value)
     return nodes
-
-
-def weight_grid(choice: str):
-    """node → (weight type, zero point) for the ``weights`` option."""
-    if choice != "auto":
-        return lambda node: WEIGHT_TYPES[choice]
-    wide = WEIGHT_TYPES["int7" if saturating_u8s8() else "int8"]
-    return lambda node: WEIGHT_TYPES["int8"] if _depthwise(node) else wide
-
-
-def _depthwise(node: ir.Node) -> bool:
-    group = node.attributes.get_int("group", 1)
-    return node.op_type == "Conv" and group > 1 and node.inputs[1].const_value is not None \
-        and node.inputs[1].const_value.shape[1] == 1
 
 
 @dataclasses.dataclass

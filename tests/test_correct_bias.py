@@ -59,7 +59,7 @@ def mean_error(reference: ir.Model, candidate: ir.Model, feeds: list[dict]) -> f
 
 
 def correct(model: ir.Model, feeds, **options) -> CorrectBias:
-    p = CorrectBias(CorrectBiasOptions(**options), PassContext(calibration=feeds))
+    p = CorrectBias(CorrectBiasOptions(**{"weights": "int8", **options}), PassContext(calibration=feeds))
     assert p(model).modified
     check(model)
     return p
@@ -201,19 +201,19 @@ def test_pipeline_and_outputs_stay_close_in_float():
 
 def test_weights_already_on_the_grid_are_left_alone():
     model = quantized_weights(conv(3, 1)())
-    p = CorrectBias(context=PassContext(calibration=feeds_for(model)))
+    p = CorrectBias(CorrectBiasOptions(weights="int8"), context=PassContext(calibration=feeds_for(model)))
     assert_left_alone(p, model, "weight 'W' is already on the int8 grid", "conv")
 
 
 def test_weights_on_the_per_tensor_grid_are_left_alone_per_tensor():
     model = quantized_weights(gemm(1, True)(), per_channel=False)
-    p = CorrectBias(CorrectBiasOptions(per_channel=False), PassContext(calibration=feeds_for(model)))
+    p = CorrectBias(CorrectBiasOptions(per_channel=False, weights="int8"), PassContext(calibration=feeds_for(model)))
     assert_left_alone(p, model, "weight 'W' is already on the int8 grid", "gemm")
 
 
 def test_no_calibration_data_raises():
     with pytest.raises(CalibrationError, match=r"correct-bias needs calibration data \(--calib\)"):
-        CorrectBias()(conv(1, 0)())
+        CorrectBias(CorrectBiasOptions(weights="int8"))(conv(1, 0)())
 
 
 def test_activation_times_activation_is_refused():
@@ -223,13 +223,13 @@ def test_activation_times_activation_is_refused():
     y = b.op("MatMul", [x, w], name="mm", output_names=["y"])
     model = b.model([y])
     feeds = [{"x": np.ones((2, 4), np.float32), "w": np.ones((4, 3), np.float32)}]
-    assert_left_alone(CorrectBias(context=PassContext(calibration=feeds)), model,
+    assert_left_alone(CorrectBias(CorrectBiasOptions(weights="int8"), context=PassContext(calibration=feeds)), model,
                       "weight 'w' is a graph input, not a constant", "mm")
 
 
 def test_gemm_with_beta_zero_is_refused():
     model = gemm(0, True, beta=0.0)()
-    p = CorrectBias(context=PassContext(calibration=feeds_for(model)))
+    p = CorrectBias(CorrectBiasOptions(weights="int8"), context=PassContext(calibration=feeds_for(model)))
     assert_left_alone(p, model, "the Gemm has beta=0: it ignores its bias", "gemm")
 
 
@@ -241,22 +241,36 @@ def test_bias_that_is_a_graph_input_is_refused():
     y = b.op("Conv", [x, w, bias], name="conv", output_names=["y"])
     model = b.model([y])
     feeds = [{"x": np.ones((1, 4, 5, 5), np.float32), "bias": np.zeros(6, np.float32)}]
-    assert_left_alone(CorrectBias(context=PassContext(calibration=feeds)), model,
+    assert_left_alone(CorrectBias(CorrectBiasOptions(weights="int8"), context=PassContext(calibration=feeds)), model,
                       "bias 'bias' is a graph input, not a constant", "conv")
 
 
 def test_excluded_node_is_refused():
     model = conv(1, 0)()
-    p = CorrectBias(CorrectBiasOptions(exclude="^conv$"), PassContext(calibration=feeds_for(model)))
+    p = CorrectBias(CorrectBiasOptions(exclude="^conv$", weights="int8"), PassContext(calibration=feeds_for(model)))
     assert_left_alone(p, model, "excluded by exclude=^conv$", "conv")
 
 
 def test_zero_input_mean_gives_no_correction():
     model = conv(1, 0)()
     feeds = [{"x": np.zeros((1, 4, 9, 9), np.float32)}]
-    assert_left_alone(CorrectBias(context=PassContext(calibration=feeds)), model, "the correction is zero", "conv")
+    assert_left_alone(CorrectBias(CorrectBiasOptions(weights="int8"), context=PassContext(calibration=feeds)), model, "the correction is zero", "conv")
 
 
 def test_bad_exclude_option():
     with pytest.raises(OptionError, match="correct-bias: option 'exclude' is not a valid regular expression"):
         parse_options(CorrectBiasOptions, {"exclude": "("})
+
+
+def test_the_grid_follows_quantize_qdq_weights_option():
+    """Weights on the int7 grid are exact for weights=int7 and get a correction for int8."""
+    from onnxcompress.quantization import INT7, fake_quantize_weight
+
+    model = conv(1, 0)()
+    weight = next(v for v in model.graph.initializers.values() if v.const_value.numpy().ndim == 4)
+    on_int7 = fake_quantize_weight(weight.const_value.numpy(), 0, INT7)
+    weight.const_value = ir.tensor(on_int7, name=weight.name)
+    feeds = feeds_for(model)
+    p = CorrectBias(CorrectBiasOptions(weights="int7"), PassContext(calibration=feeds))
+    assert not p(model).modified
+    assert CorrectBias(CorrectBiasOptions(weights="uint8"), PassContext(calibration=feeds))(model).modified
