@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from onnxcompress import registry
 from onnxcompress.analysis import AnalysisManager
-from onnxcompress.errors import PassFailure
+from onnxcompress.errors import CalibrationError, PassFailure
 from onnxcompress.instruments.base import Instrument, RunState
 from onnxcompress.pass_base import PassContext
 from onnxcompress.pipeline import Pipeline
@@ -62,6 +62,8 @@ class PassManager:
         self._each("before_pass", state, pass_, record)
         try:
             result = pass_(state.model)
+        except CalibrationError:
+            raise  # the user's data is missing or wrong: no reproducer of a pass to debug
         except Exception as exc:  # a pass bug must not surface as a bare traceback
             logger.debug("pass %s raised", record.spec, exc_info=True)
             state.error = exc

@@ -183,3 +183,16 @@ def test_inspect_input_shape_fixes_symbolic_dims(tiny_path, capsys):
     assert code == 2 and "--input-shape 'x=a,b'" in err
     code, _, err = cli("inspect", tiny_path, "--input-shape", "nope=1,4", capsys=capsys)
     assert code == 2 and "nope" in err
+
+
+def test_int8_preset_end_to_end_and_without_calibration(tiny_path, tiny_calib, tmp_path, capsys):
+    out = tmp_path / "tiny.int8.onnx"
+    code, _, err = cli("optimize", tiny_path, "-o", out, "--preset", "int8", capsys=capsys)
+    assert code == 2 and not out.exists()
+    assert len(err.strip().splitlines()) == 1 and "--calib" in err and "reproducer" not in err
+    code, stdout, err = cli("optimize", tiny_path, "-o", out, "--preset", "int8", "--calib", tiny_calib, capsys=capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "tiny.int8.report.json").read_text())
+    qdq = next(p for p in report["passes"] if p["name"] == "quantize-qdq")
+    assert qdq["status"] == "changed" and any("onnxruntime runs" in n for n in qdq["notes"])
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(out).graph.node}

@@ -31,7 +31,9 @@ def _kernel_counts(result) -> dict[str, int]:
 
 def test_ppocr_straight_from_its_package_keeps_reading(tmp_path):
     """Constant-node weights (a Paddle export, opset 12): lifted and quantized, not refused."""
-    path, result, record = _quantize("ppocrv4_rec", "quantize-qdq", tmp_path)
+    # uint8 weights: exact in every onnxruntime kernel (int7, the default on CPUs without VNNI,
+    # reads 0.80 here; the int8 preset 0.92 on 200 lines)
+    path, result, record = _quantize("ppocrv4_rec", "quantize-qdq{weights=uint8}", tmp_path)
     counts = _kernel_counts(result)
     assert counts.get("QLinearConv", 0) >= 35 and counts.get("QLinearMatMul", 0) >= 10
     assert any("opset 12 to 13" in n for n in record.notes)
