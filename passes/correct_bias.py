@@ -97,7 +97,7 @@ class CorrectBias(CompressionPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if not self.context.calibration:
-            raise CalibrationError("correct-bias needs calibration data (--calib)")
+            raise CalibrationError("correct-bias needs calibration data (--calib); without data, quantize-dynamic (preset int8-dynamic) quantizes weights only")
         sites = []
         for node in model.graph:
             if node.op_type in _LAYERS and node.domain == "":

@@ -157,7 +157,8 @@ class EqualizeCrossLayer(CompressionPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         options = self.options
         if options.relu6 == "calibrated" and not self.context.calibration:
-            raise CalibrationError("equalize-cross-layer with relu6=calibrated needs calibration data (--calib)")
+            raise CalibrationError("equalize-cross-layer with relu6=calibrated needs calibration data (--calib)"
+                                   "; without data, quantize-dynamic (preset int8-dynamic) quantizes weights only")
         pairs = []
         for node in model.graph:
             if node.op_type not in _LAYERS or node.domain != "":

@@ -126,7 +126,8 @@ class QuantizeQdq(CompressionPass):
             return ir.passes.PassResult(model, modified=False)
         feeds = self.context.calibration
         if not feeds:
-            raise CalibrationError("quantize-qdq needs calibration data to set activation ranges (--calib)")
+            raise CalibrationError("quantize-qdq needs calibration data to set activation ranges (--calib, or --random-calib N)"
+                                   "; without data, quantize-dynamic (preset int8-dynamic) quantizes weights only")
         modified = _ensure_opset(model, self)
         if self.options.weights == "auto" and saturating_u8s8():
             self.note("weights int7 (int8 for depthwise convs): on this x86 CPU without VNNI onnxruntime's u8s8 "
