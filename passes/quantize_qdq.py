@@ -21,9 +21,7 @@ from onnxcompress.metrics import DriftBudget, format_db, output_drift, worst
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 from onnxcompress.qdq import (
-    MOVE_OPS,
     UNIT_OPS,
-    WEIGHTED_OPS,
     Builder,
     Params,
     activation_inputs,
