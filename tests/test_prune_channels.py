@@ -379,9 +379,9 @@ def test_reconstruction_of_zero_channels_stays_exact():
 
 def test_data_methods_need_calibration():
     model, _ = chain_bn()
-    from onnxcompress.errors import PassFailure
+    from onnxcompress.errors import CalibrationError
 
-    with pytest.raises(PassFailure, match="needs calibration data"):
+    with pytest.raises(CalibrationError, match="needs calibration data"):
         onnxcompress.compress(model, "prune-channels{importance=apoz}")
 
 
