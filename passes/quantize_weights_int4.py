@@ -11,7 +11,7 @@ from onnxcompress.conv_split import prepared
 from onnxcompress.initializers import Names, drop_if_unused, new_initializer
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
-from onnxcompress.passes.quantize_dynamic import (
+from onnxcompress.weight_sites import (
     FLOAT_BYTES,
     MS_DOMAIN,
     WeightSite,
