@@ -57,26 +57,35 @@ class StreamingHistogram:
 
     def update(self, values: np.ndarray) -> None:
         x = np.asarray(values, dtype=np.float32).ravel()
-        x = x[np.isfinite(x)]
         if not x.size:
             return
+        lo, hi = float(x.min()), float(x.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN or inf somewhere: drop those values
+            x = x[np.isfinite(x)]
+            if not x.size:
+                return
+            lo, hi = float(x.min()), float(x.max())
         self.total += x.size
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
-        nonzero = x[x != 0]
-        self.zeros += x.size - nonzero.size
-        if not nonzero.size:
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        zeros = x.size - int(np.count_nonzero(x))
+        self.zeros += zeros
+        peak = max(abs(lo), abs(hi))
+        if peak == 0.0:
             return
-        peak = float(np.max(np.abs(nonzero)))
         if self.radius == 0.0:
-            self.radius = 2.0 ** math.ceil(math.log2(peak)) if peak > 0 else 1.0
+            self.radius = 2.0 ** math.ceil(math.log2(peak))
             if self.radius <= peak:
                 self.radius *= 2.0
         while peak >= self.radius:
             self._double()
-        index = np.floor((nonzero.astype(np.float64) + self.radius) / self.width).astype(np.int64)
-        np.clip(index, 0, self.bins - 1, out=index)
-        self.counts += np.bincount(index, minlength=self.bins)
+        # Bin i holds [-R + i·w, -R + (i+1)·w); float32 arithmetic, truncation = floor here
+        # since the shifted values are non-negative. Zeros land in the middle bin: taken out.
+        half = self.bins // 2
+        index = (x * np.float32(1.0 / self.width) + np.float32(half)).astype(np.int32)
+        np.minimum(index, self.bins - 1, out=index)
+        counts = np.bincount(index, minlength=self.bins)
+        counts[half] -= zeros
+        self.counts += counts
 
     def _double(self) -> None:
         """R → 2R: old bins 2i, 2i+1 become new bin bins/4 + i (the middle half)."""
