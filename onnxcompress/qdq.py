@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.initializers import Names, new_initializer
+from onnxcompress.initializers import Names, new_initializer, take_over
 from onnxcompress.executed import saturating_u8s8
 from onnxcompress.quantization import INT8_NARROW, INT32, WEIGHT_TYPES, QType, affine_params, quantize, symmetric_scales
 
@@ -78,6 +78,28 @@ def _depthwise(node: ir.Node) -> bool:
     group = node.attributes.get_int("group", 1)
     return node.op_type == "Conv" and group > 1 and node.inputs[1].const_value is not None \
         and node.inputs[1].const_value.shape[1] == 1
+
+
+MS_DOMAIN = "com.microsoft"
+
+
+def final_bias_add(node: ir.Node, units: set[ir.Node]) -> ir.Node | None:
+    """The Add of a constant 1-D bias that is the only reader of a constant-weight MatMul's
+    output and computes a graph output (the last layer of a classifier), if there is one."""
+    if node.op_type != "MatMul" or not is_float_constant(node.inputs[1]) or node.inputs[1].const_value.numpy().ndim != 2:
+        return None
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if out.is_graph_output() or len(uses) != 1:
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain != "" or add in units or not add.outputs[0].is_graph_output():
+        return None
+    bias = next((v for v in add.inputs if v is not out), None)
+    n = node.inputs[1].const_value.shape[1]
+    if not is_float_constant(bias) or tuple(bias.const_value.shape) != (n,):
+        return None
+    return add
 
 
 def is_float_constant(value: ir.Value | None) -> bool:
@@ -183,7 +205,10 @@ class Builder:
             if not node.name:
                 node.name = self.names.unique(f"{node.op_type}_quant")
         produced: dict[str, Params] = {}  # tensors computed in int8 → their parameters
+        finals = {node: add for node in units if (add := final_bias_add(node, set(units))) is not None}
         for node in units:
+            if node in finals:
+                continue  # its output stays float: see _integer_to_float
             out_name = self._fuse_activation(node)
             if out_name is not None and not node.outputs[0].is_graph_output():
                 produced[node.outputs[0].name] = self.params[out_name]
@@ -199,6 +224,8 @@ class Builder:
             self._insert_qdq(self._value(name), p, all_readers=name in produced, readers=unit_set)
         for node in units:
             done[node.name] = self._quantize_constants(node, inputs[node])
+        for node, add in finals.items():
+            done[node.name] += self._integer_to_float(node, add)
         for node in tables:
             done[node.name or node.outputs[0].name] = self._quantize_table(node)
         self.graph.sort()
@@ -310,6 +337,23 @@ class Builder:
             if old is not None and old.is_initializer() and not old.uses():
                 self.graph.initializers.pop(old.name, None)
         return detail
+
+    def _integer_to_float(self, node: ir.Node, add: ir.Node) -> str:
+        """MatMul(DQ(xq), DQ(wq)) → Add(·, bias) = graph output becomes one com.microsoft
+        MatMulIntegerToFloat(xq, wq, scales, zero points, bias): int8 compute, float output, no
+        output quantization (onnxruntime would otherwise fuse MatMul + Add into a float Gemm)."""
+        x_dq, w_dq = (v.producer() for v in node.inputs[:2])
+        bias = next(v for v in add.inputs if v is not node.outputs[0])
+        inputs = [x_dq.inputs[0], w_dq.inputs[0], x_dq.inputs[1], w_dq.inputs[1], x_dq.inputs[2], w_dq.inputs[2], bias]
+        fused = ir.node("MatMulIntegerToFloat", inputs, domain=MS_DOMAIN, name=node.name)
+        self.graph.insert_after(add, fused)
+        take_over(add.outputs[0], fused.outputs[0])
+        self.graph.remove([add, node], safe=True)
+        for dq in (x_dq, w_dq):  # the input's DQ may still feed other readers
+            if not list(dq.outputs[0].uses()) and not dq.outputs[0].is_graph_output():
+                self.graph.remove(dq, safe=True)
+        self.model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return "; bias Add folded into MatMulIntegerToFloat (float output)"
 
     def _dequantize(self, q: ir.Value, s: ir.Value, z: ir.Value, axis: int | None, name: str) -> ir.Value:
         attributes = {"axis": axis} if axis is not None else {}

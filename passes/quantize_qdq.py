@@ -25,6 +25,7 @@ from onnxcompress.qdq import (
     Builder,
     Params,
     activation_inputs,
+    final_bias_add,
     fused_activation,
     is_float_constant,
     weight_grid,
@@ -180,6 +181,8 @@ class QuantizeQdq(CompressionPass):
             elif _is_table(node):
                 if self.options.tables:
                     chosen.append(node)
+            elif _folded_bias(node):
+                continue  # becomes part of its MatMul's MatMulIntegerToFloat, reported there
             elif reason := _unit_reason(node):
                 self.refused(node, reason)
             else:
@@ -301,6 +304,12 @@ def _is_table(node: ir.Node) -> bool:
             and node.inputs[1] is not None and node.inputs[1].const_value is None)
 
 
+def _folded_bias(node: ir.Node) -> bool:
+    """An Add that a constant-weight MatMul's MatMulIntegerToFloat will take as its bias."""
+    producer = next((v.producer() for v in node.inputs if v is not None and v.producer() is not None), None)
+    return node.op_type == "Add" and producer is not None and final_bias_add(producer, set()) is node
+
+
 def _unit_reason(node: ir.Node) -> str:
     if node.graph is None:
         return "inside a subgraph"
@@ -378,6 +387,8 @@ def _gemm_as_matmul(model: ir.Model, gemm: ir.Node, names: Names) -> list[ir.Nod
         nodes.append(add)
         out = add.outputs[0]
     gemm.graph.insert_before(gemm, nodes)
+    if gemm.outputs[0].is_graph_output():
+        nodes = nodes[:1]  # the bias Add folds into MatMulIntegerToFloat: not a unit of its own
     take_over(gemm.outputs[0], out)
     old = [v for v in gemm.inputs[1:] if v is not None]
     gemm.graph.remove(gemm, safe=True)

@@ -101,6 +101,29 @@ def test_values_on_the_grids_pass_unchanged(weights):
             np.testing.assert_allclose(run(model, f, optimize=True)[0], e, rtol=1e-6, atol=1e-7)
 
 
+def test_the_last_layer_keeps_a_float_output_and_its_bias():
+    """x·W + b as the graph output: one MatMulIntegerToFloat, exact for x and W on their grids."""
+    rng = np.random.default_rng(1)
+    w = (rng.integers(-127, 128, (12, 5)) / 256.0).astype(np.float32)
+    w[0, :] = 127 / 256.0  # every column's grid step is 1/256
+    bias = rng.standard_normal(5).astype(np.float32)
+    b = Builder()
+    x = b.input("x", [1, 12])
+    y = b.op("Gemm", [x, b.init("w", w.T.copy()), b.init("b", bias)], name="fc", transB=1, output_names=["logits"])
+    model = b.model([y])
+    feeds = [{"x": (rng.integers(0, 256, (1, 12)) / 64.0).astype(np.float32)} for _ in range(5)]
+    feeds.append({"x": np.full((1, 12), 255 / 64.0, np.float32)})  # x's range is exactly [0, 255/64]
+    before = [run(model, f)[0] for f in feeds]
+    pass_ = _pass(feeds, weights="uint8")
+    assert pass_(model).modified
+    check(model)
+    assert [n.op_type for n in model.graph if n.op_type not in ("QuantizeLinear",)] == ["MatMulIntegerToFloat"]
+    assert model.opset_imports["com.microsoft"] == 1
+    for e, f in zip(before, feeds):
+        np.testing.assert_allclose(run(model, f, optimize=True)[0], e, rtol=1e-6, atol=1e-6)
+    assert "bias Add folded" in records(pass_, "rewritten")[0].detail
+
+
 # ---------------------------------------------------------------------------- placement
 
 
@@ -113,8 +136,9 @@ def test_conv_net_runs_int8_kernels_and_stays_close():
     check(model)
     kernels = _kernels(model)
     assert kernels.count("QLinearConv") == 2
-    assert {"QLinearAdd", "QLinearGlobalAveragePool", "QLinearMatMul"} <= set(kernels)
-    assert "Gemm" not in ops(model) and "Relu" not in ops(model)
+    # The last Gemm (its output is the graph's) computes in int8 with a float output, bias folded.
+    assert {"QLinearAdd", "QLinearGlobalAveragePool", "MatMulIntegerToFloat"} <= set(kernels)
+    assert "Gemm" not in ops(model) and "Relu" not in ops(model) and "Add" not in ops(model)[-3:]
     after = [run(model, f, optimize=True)[0] for f in feeds]
     assert _sqnr(before, after) > 38  # measured 40.9 dB
     assert model.graph.outputs[0].name == "logits"
@@ -202,7 +226,7 @@ def test_int8_activations_keep_what_onnxruntime_cannot_fuse_in_float():
     pass_ = _pass(_feeds(model), activations="int8")
     assert pass_(model).modified
     kernels = executed_kernels(model)
-    assert kernels["fc"][1] == "QLinearMatMul"
+    assert kernels["fc"][1] == "MatMulIntegerToFloat"
     fc_zero = next(v for v in model.graph.initializers.values() if v.name == "flatten_out0_zero_point")
     assert fc_zero.const_value.dtype == ir.DataType.INT8
     # Whatever onnxruntime would not fuse with int8 activations is refused with that reason.
