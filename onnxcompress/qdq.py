@@ -20,7 +20,9 @@ quantization parameters, :func:`apply` rewrites the graph:
   runs on int8 data;
 - a constant Gather table (an embedding) is stored on the activation grid and dequantized
   after the Gather, so only the gathered rows are expanded;
-- graph outputs stay float: a unit producing one keeps its output unquantized.
+- graph outputs stay float: a unit producing one keeps its output unquantized, and a last
+  constant-weight MatMul whose bias Add computes a graph output (a classifier's logits) becomes
+  one com.microsoft MatMulIntegerToFloat: int8 products, float output, the bias folded in.
 """
 
 from __future__ import annotations

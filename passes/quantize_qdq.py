@@ -93,7 +93,9 @@ class QuantizeQdq(CompressionPass):
     calibrated on the feeds (streamed histograms: memory does not grow with the number of
     feeds; ``calibration=minmax|percentile|entropy|mse``). Placement follows onnxruntime's
     fusion rules (see :mod:`onnxcompress.qdq`): Relu/Clip folded only where the output's grid
-    clamps the same way, data movement ops pass int8 through, graph outputs stay float.
+    clamps the same way, data movement ops pass int8 through, graph outputs stay float (a last
+    MatMul + bias Add, a classifier's head, runs as MatMulIntegerToFloat: int8 products, float
+    logits; quantizing the logits cost mobilenet_v2 9 points of top-1 agreement).
 
     The pass then reads back the graph onnxruntime executes for the result and keeps in
     float, with the reason, every unit onnxruntime would still run in float (it has no int8
