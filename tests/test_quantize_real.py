@@ -55,7 +55,8 @@ def test_mobilenet_int8_preset(tmp_path):
     assert counts.get("QLinearConv", 0) == 52 and counts.get("QLinearAdd", 0) == 10
     assert "Clip" not in {node.op_type for node in result.model.graph}  # ReLU6 folded into the grids
     metrics = models.evaluate("mobilenet_v2", path, limit=100)
-    assert metrics["top1_agreement"] >= 0.70, metrics
+    assert metrics["top1_agreement"] >= 0.82, metrics  # measured 0.87 (0.83 on 500 crops)
+    assert counts.get("MatMulIntegerToFloat", 0) == 1  # the classifier head keeps float logits
 
 
 def test_minilm_runs_int8_matmuls_and_attention(tmp_path):
