@@ -108,8 +108,10 @@ class QuantizeQdq(CompressionPass):
     Left alone, with a note: a model that is already quantized (QuantizeLinear, QLinearConv,
     DynamicQuantizeLinear, ConvInteger, MatMulNBits…). Refused per node, with the reason:
     names matching ``exclude``, op types in ``exclude_ops``, a weight or bias that is not a
-    constant float, a tensor that is not float32, nodes inside If/Loop/Scan bodies (not
-    visited). An opset below 13 is converted to 13 first (onnx's version converter). Without calibration data: an error.
+    constant float, a tensor the feeds never compute. Not candidates, only counted in a note:
+    nodes on tensors that are not float32 (shape arithmetic). Nodes inside If/Loop/Scan bodies
+    are not visited. An opset below 13 is converted to 13 first (onnx's version converter).
+    Without calibration data: an error that points to quantize-dynamic.
 
     Exact limit: float values already on the chosen grids (weights on their int8 per-channel
     grid, activations on their uint8 grid, biases on the int32 grid) come out unchanged, up
@@ -192,8 +194,8 @@ class QuantizeQdq(CompressionPass):
         return chosen
 
     def _calibrated(self, candidates: list[ir.Node], params: dict[str, Params]) -> list[ir.Node]:
-        """The candidates whose tensors are all float32 and calibrated; integer arithmetic
-        (shape computations) is not a candidate at all, only counted in a note."""
+        """The candidates whose tensors are all float32 and calibrated; arithmetic on other
+        types (shape computations on int64) is not a candidate at all, only counted in a note."""
         items, integer = [], 0
         for node in candidates:
             if _is_table(node):
@@ -202,12 +204,12 @@ class QuantizeQdq(CompressionPass):
             missing = [n for n in _tensors(node) if n not in params]
             if not missing:
                 items.append(node)
-            elif missing[0] in self._integer_tensors:
+            elif missing[0] in self._not_float32:
                 integer += 1
             else:
                 self.refused(node, f"tensor '{missing[0]}' was never computed on the calibration feeds")
         if integer:
-            self.note(f"{integer} nodes compute on integers (shape arithmetic): not quantized")
+            self.note(f"{integer} nodes compute on tensors that are not float32 (shape arithmetic): not quantized")
         return items
 
     # ------------------------------------------------------------------ calibration
@@ -216,12 +218,12 @@ class QuantizeQdq(CompressionPass):
         names = list(dict.fromkeys(name for node in nodes if not _is_table(node) for name in _tensors(node)))
         histograms = {name: StreamingHistogram(self.options.bins) for name in names}
         floats = set(names)
-        self._integer_tensors = set()
+        self._not_float32 = set()
         for values in stream(model, names, feeds):
             for name, array in values.items():
                 if array.dtype != np.float32:
                     floats.discard(name)
-                    self._integer_tensors.add(name)
+                    self._not_float32.add(name)
                 elif name in floats:
                     histograms[name].update(array)
         qtype = ACTIVATION_TYPES[self.options.activations]
