@@ -222,8 +222,9 @@ class Builder:
                 wanted.setdefault(name, self.params[name])
         inputs = {node: [wanted[node.inputs[i].name] for i in activation_inputs(node)] for node in units}
         unit_set = set(units)
+        values = self._values_by_name()
         for name, p in wanted.items():
-            self._insert_qdq(self._value(name), p, all_readers=name in produced, readers=unit_set)
+            self._insert_qdq(values[name], p, all_readers=name in produced, readers=unit_set)
         for node in units:
             done[node.name] = self._quantize_constants(node, inputs[node])
         for node, add in finals.items():
@@ -264,15 +265,11 @@ class Builder:
                 if out is not None and not out.is_graph_output():
                     produced[out.name] = p
 
-    def _value(self, name: str) -> ir.Value:
-        for v in self.graph.inputs:
-            if v.name == name:
-                return v
+    def _values_by_name(self) -> dict[str, ir.Value]:
+        values = {v.name: v for v in self.graph.inputs}
         for node in self.graph:
-            for v in node.outputs:
-                if v.name == name:
-                    return v
-        raise KeyError(name)
+            values.update((v.name, v) for v in node.outputs if v is not None and v.name)
+        return values
 
     def _insert_qdq(self, value: ir.Value, p: Params, all_readers: bool, readers: set[ir.Node]) -> None:
         uses = [(u.node, u.idx) for u in value.uses() if all_readers or u.node in readers]

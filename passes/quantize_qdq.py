@@ -258,30 +258,37 @@ class QuantizeQdq(CompressionPass):
         probe_feeds = feeds[: self.options.fallback_samples]
         reference = run_all(make_session(model), probe_feeds)
 
-        def drift(nodes):
+        def drift(nodes) -> tuple:
             built = _build(model, nodes, params, self.options, index)
-            return worst(output_drift(reference, run_all(make_session(built.model), probe_feeds)))
+            return worst(output_drift(reference, run_all(make_session(built.model), probe_feeds))), built
 
-        alone = {node: drift([node]) for node in enabled}
+        alone = {node: drift([node])[0] for node in enabled}
         ranked = sorted(enabled, key=lambda n: alone[n].sqnr_db)
+        measured: dict[int, tuple] = {}  # k → (drift, built model) with the k worst kept in float
+
+        def keeping_float(k: int) -> tuple:
+            if k not in measured:
+                measured[k] = drift(ranked[k:])
+            return measured[k]
+
+        whole = keeping_float(0)[0]
         lo, hi = 0, len(ranked)  # keeping the hi worst in float meets the budget
-        whole = drift(ranked)
         if not budget.violations(whole):
             hi = 0
         while lo < hi:
             mid = (lo + hi) // 2
-            if mid and not budget.violations(drift(ranked[mid:])):
+            if mid and not budget.violations(keeping_float(mid)[0]):
                 hi = mid
             else:
                 lo = mid + 1
         kept = ranked[hi:]
         fallback = {n: f"kept in float by fallback={self.options.fallback}: quantized alone it drifts to "
                     f"{format_db(alone[n].sqnr_db)}" for n in ranked[:hi]}
-        final = drift(kept) if kept else None
+        final, built = keeping_float(hi) if kept else (None, None)
         self.note(f"fallback: {hi} of {len(ranked)} nodes kept in float to meet {budget} "
                   f"(all quantized: {format_db(whole.sqnr_db)}"
                   + (f", result: {format_db(final.sqnr_db)})" if final else ")"))
-        kernels = executed_kernels(_build(model, kept, params, self.options, index).model) if kept else {}
+        kernels = executed_kernels(built.model) if kept else {}
         return kept, fallback, kernels
 
     # ------------------------------------------------------------------ report
