@@ -83,6 +83,15 @@ def _load_path(path: Path) -> ir.Model:
     return model
 
 
+def convert_opset(proto: onnx.ModelProto, target: int, why: str) -> onnx.ModelProto:
+    """``proto`` at opset ``target`` by onnx's version converter; its failure is a
+    ModelLoadError that starts with ``why``."""
+    try:
+        return onnx.version_converter.convert_version(proto, target)
+    except Exception as exc:  # the converter raises several types
+        raise ModelLoadError(f"{why}, and onnx's version converter could not convert it: {_first_line(exc)}") from None
+
+
 def _upgrade_old_opset(proto: onnx.ModelProto, where: str, notes: list[str]) -> onnx.ModelProto:
     """Upgrade a model older than MIN_OPSET with onnx's version converter, or refuse it."""
     version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -91,13 +100,7 @@ def _upgrade_old_opset(proto: onnx.ModelProto, where: str, notes: list[str]) -> 
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
         raise ModelLoadError(f"{where}: opset {version} is older than {MIN_OPSET}, the oldest the passes handle, "
                              "and its external data keeps it from being converted here; convert it first")
-    try:
-        upgraded = onnx.version_converter.convert_version(proto, UPGRADE_TO)
-    except Exception as exc:  # the converter raises several types
-        raise ModelLoadError(
-            f"{where}: opset {version} is older than {MIN_OPSET}, the oldest the passes handle, and onnx's "
-            f"version converter could not upgrade it: {_first_line(exc)}"
-        ) from None
+    upgraded = convert_opset(proto, UPGRADE_TO, f"{where}: opset {version} is older than {MIN_OPSET}, the oldest the passes handle")
     note = f"upgraded from opset {version} to {UPGRADE_TO} with onnx's version converter"
     logger.warning("%s: %s", where, note)
     notes.append(note)

@@ -10,14 +10,14 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-import onnx.version_converter
 
 from onnxcompress.activations import stream
-from onnxcompress.errors import CalibrationError, DriftBudgetError, ModelLoadError
+from onnxcompress.errors import CalibrationError, DriftBudgetError
 from onnxcompress.executed import executed_kernels, float_reason, int8_kernel, saturating_u8s8
 from onnxcompress.histogram import StreamingHistogram, calibrated_range
 from onnxcompress.initializers import Names, drop_if_unused, new_initializer, take_over
 from onnxcompress.metrics import DriftBudget, format_db, output_drift, worst
+from onnxcompress.modelio import convert_opset
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 from onnxcompress.qdq import (
@@ -366,11 +366,8 @@ def _ensure_opset(model: ir.Model, pass_: QuantizeQdq) -> bool:
     version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if version is None or version >= MIN_OPSET:
         return False
-    try:
-        converted = ir.from_proto(onnx.version_converter.convert_version(ir.to_proto(model), MIN_OPSET))
-    except Exception as exc:  # the converter's own errors are plain exceptions
-        raise ModelLoadError(f"quantize-qdq needs opset {MIN_OPSET}, and onnx's version converter could not "
-                             f"convert this model from opset {version}: {exc}") from None
+    why = f"quantize-qdq needs opset {MIN_OPSET} and the model has {version}"
+    converted = ir.from_proto(convert_opset(ir.to_proto(model), MIN_OPSET, why))
     model.graph = converted.graph  # the opset imports live on the graph
     pass_.note(f"converted from opset {version} to {MIN_OPSET} (per-channel QuantizeLinear needs it)")
     return True
