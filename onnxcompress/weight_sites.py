@@ -66,6 +66,26 @@ class WeightSite:
 Refuse = Callable[[ir.Node, str], None]
 
 
+class Outcomes:
+    """What a pass did to each node, collected while it works weight by weight and reported
+    in graph order (the order the report reads best in)."""
+
+    def __init__(self, model: ir.Model):
+        self._order = {node: i for i, node in enumerate(model.graph)}
+        self._items: list[tuple[ir.Node, bool, str]] = []
+
+    def refuse(self, node: ir.Node, reason: str) -> None:
+        self._items.append((node, False, reason))
+
+    def add(self, nodes, rewritten: bool, detail: str | Callable[[ir.Node], str]) -> None:
+        for node in nodes:
+            self._items.append((node, rewritten, detail(node) if callable(detail) else detail))
+
+    def report(self, pass_) -> None:
+        for node, rewritten, detail in sorted(self._items, key=lambda item: self._order[item[0]]):
+            (pass_.rewrote if rewritten else pass_.refused)(node, detail)
+
+
 def weight_sites(model: ir.Model, options: PassOptions, refuse: Refuse) -> dict[ir.Value, list[WeightSite]]:
     """Eligible MatMul/Gemm nodes of the main graph grouped by weight; ``refuse(node, reason)``
     hears about every other MatMul/Gemm (including every reader of a weight that some node

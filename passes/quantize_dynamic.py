@@ -30,6 +30,7 @@ from onnxcompress.weight_sites import (
     FLOAT,
     FLOAT_BYTES,
     MS_DOMAIN,
+    Outcomes,
     Refuse,
     WeightSite,
     check_selection,
@@ -133,29 +134,27 @@ class QuantizeDynamic(CompressionPass):
             self.note(f"left alone: {reason}")
             return ir.passes.PassResult(model, modified=False)
         names = Names(model)
-        order = {node: i for i, node in enumerate(model.graph)}
-        outcomes: list[tuple[ir.Node, bool, str]] = []
-        refuse = lambda node, reason: outcomes.append((node, False, reason))  # noqa: E731
+        outcomes = Outcomes(model)
         matmuls = tables = 0
-        for weight, sites in weight_sites(model, self.options, refuse).items():
+        for weight, sites in weight_sites(model, self.options, outcomes.refuse).items():
             before, after = self._sizes(sites[0])
             if reason := shrink_reason(f"the {sites[0].shape[0]}×{sites[0].shape[1]} weight", before, after):
-                outcomes += [(site.node, False, reason) for site in sites]
+                outcomes.add([site.node for site in sites], False, reason)
                 continue
             detail = self._rewrite_weight(model, weight, sites, names)
-            outcomes += [(site.node, True, detail + site.bias_text()) for site in sites]
+            bias = {site.node: site.bias_text() for site in sites}
+            outcomes.add(bias, True, lambda node: detail + bias[node])
             matmuls += len(sites)
         if self.options.tables:
-            for table, gathers in self._tables(model, refuse).items():
+            for table, gathers in self._tables(model, outcomes.refuse).items():
                 before, after = self._table_sizes(gathers[0])
                 if reason := shrink_reason(f"table '{table.name}'", before, after):
-                    outcomes += [(g.node, False, reason) for g in gathers]
+                    outcomes.add([g.node for g in gathers], False, reason)
                     continue
                 detail = self._rewrite_table(model, table, gathers, names)
-                outcomes += [(g.node, True, detail) for g in gathers]
+                outcomes.add([g.node for g in gathers], True, detail)
                 tables += len(gathers)
-        for node, rewritten, detail in sorted(outcomes, key=lambda item: order[item[0]]):
-            (self.rewrote if rewritten else self.refused)(node, detail)
+        outcomes.report(self)
         if matmuls or tables:
             use_microsoft_domain(model)
             self.note(f"quantized {matmuls} MatMul/Gemm weights to int8 and {tables} Gather tables to uint8")

@@ -14,6 +14,7 @@ from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 from onnxcompress.weight_sites import (
     FLOAT_BYTES,
     MS_DOMAIN,
+    Outcomes,
     WeightSite,
     check_selection,
     replace_with,
@@ -101,21 +102,19 @@ class QuantizeWeightsInt4(CompressionPass):
             self.note(f"left alone: {reason}")
             return ir.passes.PassResult(model, modified=False)
         names = Names(model)
-        order = {node: i for i, node in enumerate(model.graph)}
-        outcomes: list[tuple[ir.Node, bool, str]] = []
-        refuse = lambda node, reason: outcomes.append((node, False, reason))  # noqa: E731
+        outcomes = Outcomes(model)
         changed = 0
-        for weight, sites in weight_sites(model, self.options, refuse).items():
+        for weight, sites in weight_sites(model, self.options, outcomes.refuse).items():
             k, n = sites[0].shape
             before, after = FLOAT_BYTES * k * n, self._size_after(k, n)
             if reason := shrink_reason(f"the {k}×{n} weight in blocks of {self.options.block_size}", before, after):
-                outcomes += [(site.node, False, reason) for site in sites]
+                outcomes.add([site.node for site in sites], False, reason)
                 continue
             detail = self._rewrite(model, weight, sites, names)
-            outcomes += [(site.node, True, detail + site.bias_text()) for site in sites]
+            bias = {site.node: site.bias_text() for site in sites}
+            outcomes.add(bias, True, lambda node: detail + bias[node])
             changed += len(sites)
-        for node, rewritten, detail in sorted(outcomes, key=lambda item: order[item[0]]):
-            (self.rewrote if rewritten else self.refused)(node, detail)
+        outcomes.report(self)
         if changed:
             use_microsoft_domain(model)
             self.note(f"quantized {changed} MatMul/Gemm weights to 4 bits (MatMulNBits)")
