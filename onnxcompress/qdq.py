@@ -35,7 +35,16 @@ import onnx_ir as ir
 
 from onnxcompress.initializers import Names, new_initializer, take_over
 from onnxcompress.executed import saturating_u8s8
-from onnxcompress.quantization import INT8_NARROW, INT32, WEIGHT_TYPES, QType, affine_params, quantize, symmetric_scales
+from onnxcompress.quantization import (
+    INT8_NARROW,
+    INT32,
+    WEIGHT_TYPES,
+    QType,
+    affine_params,
+    quantize,
+    quantize_bias,
+    symmetric_scales,
+)
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul"})
 ARITHMETIC_OPS = frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu", "Softmax"})
@@ -322,12 +331,10 @@ class Builder:
         node.replace_input_with(1, self._dequantize(q_value, s_value, z_value, axis, f"{base}_DequantizeLinear"))
         detail = f"weight {_weight_name(wtype)} {'per channel' if axis is not None else 'per tensor'}"
         if is_float_constant(bias):
-            b = bias.const_value.numpy()
-            qb = np.rint(b.astype(np.float64) / (np.float64(input_params.scale) * scale.astype(np.float64))).astype(np.int32)
-            bias_scale = (np.float32(input_params.scale) * scale).astype(np.float32)
+            qb, bias_scale = quantize_bias(bias.const_value.numpy(), float(input_params.scale), scale)
             bq = new_initializer(self.model, self.names.unique(f"{bias.name}_quantized"), qb)
             bs = new_initializer(self.model, self.names.unique(f"{bias.name}_scale"), bias_scale)
-            bz = new_initializer(self.model, self.names.unique(f"{bias.name}_zero_point"), np.zeros_like(qb))
+            bz = new_initializer(self.model, self.names.unique(f"{bias.name}_zero_point"), np.zeros(bias_scale.shape, np.int32))
             node.replace_input_with(2, self._dequantize(bq, bs, bz, 0 if axis is not None else None, f"{bias.name}_DequantizeLinear"))
             detail += ", bias int32"
             if raised:

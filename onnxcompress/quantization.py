@@ -138,13 +138,10 @@ def affine_params(lo: float, hi: float, qtype: QType) -> tuple[np.float32, int]:
     """Scale and zero point covering [lo, hi] (widened to contain 0) on ``qtype``'s grid.
 
     The zero point is rounded to an integer, so the covered range can shift by half a step;
-    a range of width 0 (a constant-zero tensor) gets scale 1 and zero point at 0's place."""
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    if hi - lo <= 0.0:
-        return np.float32(1.0), int(np.clip(0, qtype.qmin, qtype.qmax))
-    scale = (hi - lo) / qtype.levels
-    zero_point = int(np.clip(round(qtype.qmin - lo / scale), qtype.qmin, qtype.qmax))
-    return np.float32(scale), zero_point
+    a range of width 0 (a constant-zero tensor) gets scale 1 and zero point at 0's place.
+    (:func:`affine_params_array` for one range at a time.)"""
+    scale, zero_point = affine_params_array(lo, hi, qtype)
+    return np.float32(scale), int(zero_point)
 
 
 def bias_scale(input_scale: float, weight_scale: np.ndarray) -> np.ndarray:
@@ -153,8 +150,9 @@ def bias_scale(input_scale: float, weight_scale: np.ndarray) -> np.ndarray:
 
 
 def quantize_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(int32 bias, its scale)``; raises OverflowError when a value does not fit int32."""
-    scale = bias_scale(input_scale, np.broadcast_to(weight_scale, bias.shape))
+    """``(int32 bias, its scale)``, the scale shaped as ``weight_scale`` (one per channel, or one);
+    raises OverflowError when a value does not fit int32."""
+    scale = bias_scale(input_scale, weight_scale)
     q = round_half_even(np.asarray(bias, dtype=np.float64) / scale.astype(np.float64))
     if q.size and (q.max() > INT32.qmax or q.min() < INT32.qmin):
         raise OverflowError("bias does not fit int32 at input_scale · weight_scale")
