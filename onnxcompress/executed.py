@@ -19,6 +19,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxcompress.modelio import EXTERNAL_DATA_THRESHOLD, initializer_bytes
 from onnxcompress.runtime import session_options
 
 INT8_KERNELS = frozenset({
@@ -72,6 +73,4 @@ def saturating_u8s8() -> bool:
 
 
 def _large(model: ir.Model) -> bool:
-    from onnxcompress.modelio import EXTERNAL_DATA_THRESHOLD, initializer_bytes
-
     return initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
