@@ -31,6 +31,22 @@ def replace_constant_input(model: ir.Model, node: ir.Node, index: int, array: np
     return new
 
 
+def replace_initializer(old: ir.Value, array: np.ndarray, tensor_metadata: dict[str, str] | None = None) -> ir.Value:
+    """A new tensor holding ``array`` in a new initializer of the same name takes ``old``'s
+    place for every reader. The value's metadata is kept; the tensor's is ``tensor_metadata``
+    (default: the old tensor's)."""
+    graph = old.graph
+    tensor = ir.tensor(array, dtype=old.const_value.dtype, name=old.name)
+    metadata = old.const_value.metadata_props if tensor_metadata is None else tensor_metadata
+    tensor.metadata_props.update(metadata)
+    new = ir.Value(name=old.name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    new.metadata_props.update(old.metadata_props)
+    old.replace_all_uses_with(new)
+    graph.initializers.pop(old.name)
+    graph.register_initializer(new)
+    return new
+
+
 def drop_if_unused(value: ir.Value) -> None:
     """Remove an initializer nothing reads any more (graph inputs and outputs stay)."""
     if value.is_initializer() and not value.uses() and not value.is_graph_input() and not value.is_graph_output():

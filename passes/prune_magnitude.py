@@ -10,6 +10,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.initializers import replace_initializer
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 from onnxcompress.registry import register
@@ -373,12 +374,7 @@ def _coo_bytes(zeros: int, array: np.ndarray) -> int:
 
 def _replace_weight(old: ir.Value, array: np.ndarray, sparse: bool) -> None:
     """A new tensor in a new initializer of the same name takes the old one's place."""
-    graph = old.graph
-    tensor = ir.tensor(array, dtype=old.const_value.dtype, name=old.name)
+    metadata = {k: v for k, v in old.const_value.metadata_props.items() if k != STORAGE_KEY}
     if sparse:
-        tensor.metadata_props[STORAGE_KEY] = STORAGE_SPARSE
-    new = ir.Value(name=old.name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-    new.metadata_props.update(old.metadata_props)
-    old.replace_all_uses_with(new)
-    graph.initializers.pop(old.name)
-    graph.register_initializer(new)
+        metadata[STORAGE_KEY] = STORAGE_SPARSE
+    replace_initializer(old, array, metadata)

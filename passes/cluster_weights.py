@@ -1,0 +1,229 @@
+"""cluster-weights: k-means weight sharing (Deep Compression), as shared values or as indices + codebook."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.clustering import INITS, Clustered, Init, cluster_values
+from onnxcompress.initializers import Names, drop_if_unused, new_initializer, replace_initializer
+from onnxcompress.metrics import format_db
+from onnxcompress.options import PassOptions, option
+from onnxcompress.pass_base import Candidate, CompressionPass, node_label
+from onnxcompress.quantization import quantized_reason
+from onnxcompress.registry import register
+
+# The weight input of each op whose weights are clustered.
+WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+MAX_INDEXED_CLUSTERS = 256  # uint8 indices
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterWeightsOptions(PassOptions):
+    """Options of cluster-weights."""
+
+    clusters: int = option(16, "shared values per weight tensor, exact zeros included (2 to 256; 16 is 4-bit indices)")
+    init: Literal["linear", "kmeans++", "density"] = option(
+        "linear", "centroid seeding: linear over [min, max] (keeps the rare large weights), kmeans++, or "
+        "density (evenly spaced quantiles)")
+    form: Literal["dense", "indexed"] = option(
+        "dense", "dense: weights replaced by their shared values (same graph; pack codes the indices); "
+        "indexed: uint8 indices + codebook + Gather that rebuilds the weight when onnxruntime loads it")
+    gather: bool = option(True, "also cluster the tables of Gather nodes (embeddings)")
+    min_elements: int = option(1024, "leave weights with fewer elements alone")
+    exclude: str = option("", "regular expression: weights of nodes whose name matches are left alone")
+    seed: int = option(0, "random seed of init=kmeans++")
+
+    def __post_init__(self):
+        if not 2 <= self.clusters <= MAX_INDEXED_CLUSTERS:
+            self.fail("clusters", f"must lie in [2, {MAX_INDEXED_CLUSTERS}], got {self.clusters}")
+        if self.init not in INITS:
+            self.fail("init", f"must be one of {'|'.join(INITS)}, got '{self.init}'")
+        if self.min_elements < 0:
+            self.fail("min_elements", f"must be at least 0, got {self.min_elements}")
+        self.check_pattern("exclude")
+
+
+@dataclasses.dataclass
+class SharedWeight:
+    """One float weight initializer and the nodes that read it as their weight."""
+
+    value: ir.Value
+    nodes: list[ir.Node]
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.value.const_value.numpy()
+
+
+@register
+class ClusterWeights(CompressionPass):
+    """Share a few values among each weight tensor's elements, by k-means (Deep Compression).
+
+    The weight of each Conv, ConvTranspose, Gemm and MatMul (input 1) and, with
+    ``gather=true``, the table of each Gather (input 0), when it is a float initializer of
+    at least ``min_elements`` elements, is clustered on its own (one codebook per tensor)
+    into ``clusters`` values by scikit-learn's k-means (:mod:`onnxcompress.clustering`).
+    Exact zeros, as pruning leaves them, keep one codebook entry that is exactly 0.0, and
+    no nonzero weight is mapped to it: a pruned model stays as sparse as it was.
+
+    ``form=dense`` replaces the weight by its shared values: the graph is unchanged, the
+    tensor has ``clusters`` distinct values, and ``onnxcompress pack`` stores it as indices
+    into a codebook. ``form=indexed`` stores ``<weight>_indices`` (uint8, the weight's
+    shape) and ``<weight>_codebook`` (float, [entries]) and feeds the readers from
+    ``Gather(codebook, Cast(indices, int32))``: the file holds one byte per weight instead
+    of four, and onnxruntime folds the Gather into the dense weight when it builds its
+    session, so it runs as fast as the original. Passes that fold constants undo it: put
+    ``form=indexed`` last.
+
+    Exact limit: a weight whose nonzero elements take at most ``clusters`` distinct values
+    (``clusters - 1`` when it has zeros) is reproduced bit for bit; ``form=dense`` then
+    leaves it alone (``modified=False``) and says so.
+
+    Refused, with the reason: a model already quantized (nothing is touched); weights
+    that are not float initializers, are graph inputs or outputs, are also read as another
+    input than the weight, are smaller than ``min_elements``, or whose nodes match
+    ``exclude``. Nodes inside If/Loop/Scan bodies are not visited.
+    """
+
+    name = "cluster-weights"
+    Options = ClusterWeightsOptions
+    prerequisites = ("lift-constants", "fold-batchnorm")
+    lossless = False
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if reason := quantized_reason(model):
+            self.note(f"left alone: {reason}")
+            return ir.passes.PassResult(model, modified=False)
+        names = Names(model)
+        changed = elements = 0
+        for weight in self._eligible(model, record=True):
+            array = weight.array
+            clustered = cluster_values(array, self.options.clusters, self._init, self.options.seed)
+            if self.options.form == "dense" and np.array_equal(clustered.rebuild(), array):
+                self._refuse_all(weight, f"already takes {len(clustered.codebook)} distinct values "
+                                         f"(<= clusters={self.options.clusters})")
+                continue
+            if self.options.form == "dense":
+                replace_initializer(weight.value, clustered.rebuild())
+            else:
+                self._index(model, weight, clustered, names)
+            detail = _detail(array, clustered, weight)
+            for node in weight.nodes:
+                self.rewrote(node, detail)
+            changed += 1
+            elements += array.size
+        if changed:
+            self.note(f"clustered {changed} weight tensors ({elements:,} weights) into at most "
+                      f"{self.options.clusters} shared values each, form={self.options.form}")
+        return ir.passes.PassResult(model, modified=bool(changed))
+
+    def candidates(self, model: ir.Model) -> list[Candidate]:
+        if quantized_reason(model):
+            return []
+        bits = int(np.ceil(np.log2(self.options.clusters)))
+        return [Candidate(self.name, node_label(w.nodes[0]), w.nodes[0].op_type,
+                          f"weight '{w.value.name}' {list(w.array.shape)}: {self.options.clusters} shared values, "
+                          f"{bits} bits per weight instead of {8 * w.array.itemsize}")
+                for w in self._eligible(model, record=False)]
+
+    @property
+    def _init(self) -> Init:
+        return self.options.init  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ selection
+
+    def _eligible(self, model: ir.Model, record: bool) -> list[SharedWeight]:
+        """The weights this pass clusters; the others are refused (when ``record``)."""
+        weights: dict[int, SharedWeight] = {}
+        reasons: dict[int, str] = {}
+        exclude = re.compile(self.options.exclude) if self.options.exclude else None
+        for node in model.graph:
+            index = WEIGHT_INPUT.get(node.op_type)
+            if index is None or node.domain not in ("", "ai.onnx") or len(node.inputs) <= index:
+                continue
+            if node.op_type == "Gather" and not self.options.gather:
+                continue
+            value = node.inputs[index]
+            if value is None or value.const_value is None or value.const_value.dtype not in FLOAT_TYPES:
+                if record and node.op_type != "Gather":  # a Gather of indices or of an int table holds no weight
+                    self.refused(node, _static_refusal(value))
+                continue
+            weight = weights.setdefault(id(value), SharedWeight(value, []))
+            weight.nodes.append(node)
+            reason = _static_refusal(value)
+            if reason is None and exclude is not None and exclude.search(node.name or ""):
+                reason = f"excluded by exclude={self.options.exclude}"
+            if reason is not None:
+                reasons.setdefault(id(value), reason)
+        eligible = []
+        for key, weight in weights.items():
+            size = weight.value.const_value.size
+            reason = reasons.get(key)
+            if reason is None and size < self.options.min_elements:
+                reason = f"only {size} elements (< min_elements={self.options.min_elements})"
+            if reason is None:
+                eligible.append(weight)
+            elif record:
+                self._refuse_all(weight, reason)
+        return eligible
+
+    def _refuse_all(self, weight: SharedWeight, reason: str) -> None:
+        for node in weight.nodes:
+            self.refused(node, reason)
+
+    # ------------------------------------------------------------------ rewriting
+
+    def _index(self, model: ir.Model, weight: SharedWeight, clustered: Clustered, names: Names) -> None:
+        """Feed the weight's readers from Gather(codebook, Cast(indices)) instead."""
+        old = weight.value
+        base = old.name or "weight"
+        codebook = new_initializer(model, names.unique(f"{base}_codebook"), clustered.codebook)
+        indices = new_initializer(model, names.unique(f"{base}_indices"), clustered.indices.astype(np.uint8))
+        cast = ir.node("Cast", [indices], {"to": ir.DataType.INT32}, name=names.unique(f"{base}_indices_cast"))
+        gather = ir.node("Gather", [codebook, cast.outputs[0]], {"axis": 0}, name=names.unique(f"{base}_shared"))
+        cast.outputs[0].name = names.unique(f"{base}_indices_int32")
+        rebuilt = gather.outputs[0]
+        rebuilt.name = names.unique(f"{base}_shared")
+        rebuilt.type, rebuilt.shape = old.type, ir.Shape(clustered.indices.shape)
+        first = model.graph.node(0)
+        model.graph.insert_before(first, [cast, gather])
+        old.replace_all_uses_with(rebuilt)
+        drop_if_unused(old)
+
+
+def _static_refusal(value: ir.Value | None) -> str | None:
+    """Why the weight input ``value`` cannot be clustered whatever the options, or None."""
+    if value is None or value.const_value is None or not value.is_initializer():
+        return "weight input is not an initializer"
+    if value.const_value.dtype not in FLOAT_TYPES:
+        return f"weight '{value.name}' is {value.const_value.dtype.name}, not a float type"
+    if value.is_graph_input():
+        return f"weight '{value.name}' is also a graph input (it may be overridden at run time)"
+    if value.is_graph_output():
+        return f"weight '{value.name}' is also a graph output"
+    for use in value.uses():
+        if WEIGHT_INPUT.get(use.node.op_type) != use.idx:
+            return (f"weight '{value.name}' is also input {use.idx} of {use.node.op_type} "
+                    f"'{node_label(use.node)}'; clustering would change that too")
+    return None
+
+
+def _detail(array: np.ndarray, clustered: Clustered, weight: SharedWeight) -> str:
+    error = clustered.rebuild().astype(np.float64) - array
+    signal = float(np.square(array, dtype=np.float64).sum())
+    noise = float(np.square(error).sum())
+    sqnr = float("inf") if noise == 0 else 10 * np.log10(signal / noise) if signal > 0 else float("-inf")
+    zeros = int(np.count_nonzero(array == 0))
+    text = (f"{len(clustered.codebook)} shared values, {clustered.index_bits} bits per weight "
+            f"(entropy {clustered.entropy_bits():.2f}), weight SQNR {format_db(sqnr)}")
+    if zeros:
+        text += f", {zeros / array.size:.1%} zeros kept"
+    if len(weight.nodes) > 1:
+        text += f"; weight '{weight.value.name}' shared by {len(weight.nodes)} nodes, clustered once"
+    return text

@@ -1,0 +1,324 @@
+"""cluster-weights and the k-means core: the exact limit, zeros kept, both output forms run in
+onnxruntime with the same outputs, every refusal and the options."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnxcompress.passes.cluster_weights import ClusterWeights, ClusterWeightsOptions
+
+from onnxcompress.clustering import cluster_values
+from onnxcompress.errors import OptionError
+from onnxcompress.options import parse_options
+from onnxcompress.pipeline import Pipeline
+from tests.graphs import (
+    Builder,
+    assert_close,
+    assert_identical,
+    assert_left_alone,
+    check,
+    clone,
+    ops,
+    random_feeds,
+    records,
+    run,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def weight_on_codebook(shape, values, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.choice(np.asarray(values, np.float32), size=shape)
+
+
+def conv_gemm_model(conv_w: np.ndarray, fc_w: np.ndarray, table: np.ndarray | None = None) -> ir.Model:
+    """x[N, 4, 6, 6] → Conv → Relu → Flatten → Gemm(transB) → y; optionally Gather(table, ids) → z."""
+    b = Builder()
+    x = b.input("x", ["N", conv_w.shape[1], 6, 6])
+    h = b.op("Conv", [x, b.init("conv_w", conv_w), b.init("conv_b", np.full(conv_w.shape[0], 0.1, np.float32))],
+             name="conv", pads=[1, 1, 1, 1])
+    h = b.op("Relu", [h], name="relu")
+    h = b.op("Flatten", [h], name="flat")
+    y = b.op("Gemm", [h, b.init("fc_w", fc_w)], name="fc", transB=1, output_names=["y"])
+    outputs = [y]
+    if table is not None:
+        ids = b.input("ids", ["T"], ir.DataType.INT64)
+        outputs.append(b.op("Gather", [b.init("table", table), ids], name="embed", output_names=["z"]))
+    return b.model(outputs)
+
+
+def model_with_random_weights(table: bool = False) -> ir.Model:
+    conv_w = RNG.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    fc_w = RNG.standard_normal((5, 8 * 36)).astype(np.float32)
+    emb = RNG.standard_normal((50, 40)).astype(np.float32) if table else None
+    return conv_gemm_model(conv_w, fc_w, emb)
+
+
+def feeds_for(model: ir.Model) -> dict[str, np.ndarray]:
+    feeds = random_feeds(model, seed=1)
+    if "ids" in feeds:
+        feeds["ids"] = np.array([0, 7, 49, 3], np.int64)
+    return feeds
+
+
+def apply(model: ir.Model, **options) -> ClusterWeights:
+    p = ClusterWeights(ClusterWeightsOptions(**{"min_elements": 0, **options}))
+    p(model)
+    return p
+
+
+def initializer(model: ir.Model, name: str) -> np.ndarray:
+    return model.graph.initializers[name].const_value.numpy()
+
+
+# ---------------------------------------------------------------------------- k-means core
+
+
+def test_values_already_on_a_codebook_come_back_bit_for_bit():
+    values = [-1.5, -0.031, 0.25, 3.0, 7.125]
+    w = weight_on_codebook((300,), values)
+    clustered = cluster_values(w, clusters=5)
+    np.testing.assert_array_equal(clustered.codebook, np.sort(np.float32(values)))
+    assert np.array_equal(clustered.rebuild().view(np.uint32), w.view(np.uint32))
+
+
+def test_adjacent_floats_stay_apart_in_the_exact_case():
+    a = np.float32(1.0)
+    w = np.array([a, np.nextafter(a, np.float32(2)), np.nextafter(a, np.float32(0))] * 10, np.float32)
+    assert np.array_equal(cluster_values(w, 3).rebuild(), w)
+
+
+def test_zeros_keep_their_own_exact_entry_and_no_weight_joins_them():
+    w = RNG.standard_normal(5000).astype(np.float32)
+    w[np.abs(w) < 0.8] = 0  # ~58% pruned, nonzeros are all |w| >= 0.8
+    clustered = cluster_values(w, clusters=4)
+    rebuilt = clustered.rebuild()
+    assert 0.0 in clustered.codebook and len(clustered.codebook) == 4
+    np.testing.assert_array_equal(rebuilt == 0, w == 0)
+
+
+def test_nonzero_values_next_to_zero_are_not_mapped_to_it():
+    # A cluster of tiny nonzero weights whose nearest entry would be 0.0.
+    w = np.concatenate([np.zeros(100), np.full(10, 1e-6), np.full(50, 1.0), np.full(50, -1.0)]).astype(np.float32)
+    rebuilt = cluster_values(w, clusters=3).rebuild()
+    np.testing.assert_array_equal(rebuilt == 0, w == 0)
+
+
+@pytest.mark.parametrize("init", ["linear", "density", "kmeans++"])
+def test_gaussian_weights_reach_the_lloyd_max_distortion(init):
+    # 16-level Lloyd-Max quantizer of a unit Gaussian: MSE 0.009497 (SQNR 20.22 dB).
+    w = np.random.default_rng(3).standard_normal(200_000).astype(np.float32)
+    clustered = cluster_values(w, clusters=16, init=init)
+    mse = float(np.mean((clustered.rebuild().astype(np.float64) - w) ** 2))
+    assert mse == pytest.approx(0.009497, rel=0.03)
+    assert len(clustered.codebook) == 16 and clustered.indices.dtype == np.uint8
+    assert clustered.index_bits == 4 and 3.6 < clustered.entropy_bits() < 4.0
+
+
+def test_every_element_maps_to_its_nearest_entry():
+    w = np.random.default_rng(4).laplace(size=20_000).astype(np.float32)
+    clustered = cluster_values(w, clusters=8)
+    distance = np.abs(w[:, None].astype(np.float64) - clustered.codebook[None, :])
+    chosen = distance[np.arange(w.size), clustered.indices.astype(np.int64)]
+    np.testing.assert_array_equal(chosen, distance.min(axis=1))
+
+
+def test_constant_and_all_zero_arrays():
+    assert np.array_equal(cluster_values(np.full(10, 2.5, np.float32), 4).rebuild(), np.full(10, 2.5, np.float32))
+    assert np.array_equal(cluster_values(np.zeros(10, np.float32), 4).rebuild(), np.zeros(10, np.float32))
+
+
+def test_fewer_than_two_clusters_is_an_error():
+    with pytest.raises(ValueError, match="at least 2"):
+        cluster_values(np.ones(4, np.float32), 1)
+
+
+# ---------------------------------------------------------------------------- the pass, dense form
+
+
+def test_dense_form_exact_when_weights_already_take_few_values():
+    conv_w = weight_on_codebook((8, 4, 3, 3), [-0.5, 0.1, 0.75, 1.25], seed=1)
+    fc_w = weight_on_codebook((5, 288), [-0.2, 0.0, 0.3], seed=2)
+    model = conv_gemm_model(conv_w, fc_w)
+    assert_left_alone(ClusterWeights(ClusterWeightsOptions(clusters=4, min_elements=0)), model,
+                      "already takes 4 distinct values", "conv")
+
+
+def test_dense_form_shares_values_and_runs():
+    model = model_with_random_weights(table=True)
+    feeds = feeds_for(model)
+    before = run(model, feeds)
+    p = apply(model, clusters=16)
+    check(model)
+    assert ops(model) == ["Conv", "Relu", "Flatten", "Gemm", "Gather"]
+    for name in ("conv_w", "fc_w", "table"):
+        assert len(np.unique(initializer(model, name))) <= 16
+    assert len(records(p, "rewritten")) == 3
+    after = run(model, feeds)
+    assert 0.9 < np.corrcoef(before[0].ravel(), after[0].ravel())[0, 1] < 1.0
+    assert "16 shared values, 4 bits per weight" in records(p, "rewritten")[0].detail
+
+
+def test_dense_form_keeps_pruned_zeros():
+    conv_w = RNG.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    conv_w[np.abs(conv_w) < 0.7] = 0
+    model = conv_gemm_model(conv_w, RNG.standard_normal((5, 288)).astype(np.float32))
+    apply(model, clusters=8)
+    np.testing.assert_array_equal(initializer(model, "conv_w") == 0, conv_w == 0)
+
+
+# ---------------------------------------------------------------------------- the pass, indexed form
+
+
+def test_indexed_form_rebuilds_exactly_what_dense_form_writes():
+    model = model_with_random_weights(table=True)
+    dense, indexed = clone(model), clone(model)
+    apply(dense, clusters=16)
+    p = apply(indexed, clusters=16, form="indexed")
+    check(indexed)
+    for name in ("conv_w", "fc_w", "table"):
+        rebuilt = initializer(indexed, f"{name}_codebook")[initializer(indexed, f"{name}_indices")]
+        assert_identical([initializer(dense, name)], [rebuilt])
+    feeds = feeds_for(model)
+    assert_close(run(dense, feeds), run(indexed, feeds), rel=1e-6)
+    assert ops(indexed).count("Gather") == 4 and ops(indexed).count("Cast") == 3
+    indices = initializer(indexed, "conv_w_indices")
+    assert indices.dtype == np.uint8 and indices.shape == (8, 4, 3, 3)
+    assert initializer(indexed, "conv_w_codebook").shape == (16,)
+    assert "conv_w" not in indexed.graph.initializers
+    assert len(records(p, "rewritten")) == 3
+
+
+def test_indexed_form_is_exact_when_weights_already_take_few_values():
+    conv_w = weight_on_codebook((8, 4, 3, 3), [-0.5, 0.1, 0.75, 1.25], seed=1)
+    fc_w = weight_on_codebook((5, 288), [-0.2, 0.0, 0.3], seed=2)
+    model = conv_gemm_model(conv_w, fc_w)
+    feeds = feeds_for(model)
+    before = run(model, feeds)
+    assert ClusterWeights(ClusterWeightsOptions(clusters=4, form="indexed", min_elements=0))(model).modified
+    for name, original in (("conv_w", conv_w), ("fc_w", fc_w)):
+        rebuilt = initializer(model, f"{name}_codebook")[initializer(model, f"{name}_indices")]
+        assert_identical([original], [rebuilt])
+    # onnxruntime reads a computed weight through other kernels than an initializer: rounding only
+    assert_close(before, run(model, feeds), rel=1e-6)
+
+
+def test_indexed_form_file_is_about_four_times_smaller():
+    model = conv_gemm_model(RNG.standard_normal((64, 32, 3, 3)).astype(np.float32),
+                            RNG.standard_normal((5, 64 * 36)).astype(np.float32))
+    before = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    apply(model, clusters=16, form="indexed")
+    after = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    assert 3.9 < before / after < 4.0
+
+
+def test_onnxruntime_runs_the_indexed_form_with_graph_optimisations():
+    model = model_with_random_weights()
+    dense, indexed = clone(model), clone(model)
+    apply(dense, clusters=8)
+    apply(indexed, clusters=8, form="indexed")
+    feeds = feeds_for(model)
+    from tests.graphs import session
+
+    optimized = session(indexed, optimize=True).run(None, feeds)
+    assert_close(run(dense, feeds), optimized, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+def test_shared_weight_is_clustered_once():
+    b = Builder()
+    x = b.input("x", ["N", 32])
+    w = b.init("w", RNG.standard_normal((32, 32)).astype(np.float32))
+    h = b.op("MatMul", [x, w], name="mm1")
+    y = b.op("MatMul", [h, w], name="mm2", output_names=["y"])
+    model = b.model([y])
+    p = apply(model, clusters=4, form="indexed")
+    check(model)
+    assert ops(model).count("Gather") == 1
+    assert [r.node for r in records(p, "rewritten")] == ["mm1", "mm2"]
+    assert "shared by 2 nodes, clustered once" in records(p, "rewritten")[0].detail
+
+
+def test_weight_also_read_as_another_input_is_refused():
+    b = Builder()
+    x = b.input("x", ["N", 16])
+    w = b.init("w", RNG.standard_normal((16, 16)).astype(np.float32))
+    h = b.op("MatMul", [x, w], name="mm")
+    y = b.op("Add", [h, w], name="add", output_names=["y"])
+    assert_left_alone(ClusterWeights(ClusterWeightsOptions(min_elements=0)), b.model([y]),
+                      "also input 1 of Add", "mm")
+
+
+def test_weight_that_is_a_graph_input_is_refused():
+    model = model_with_random_weights()
+    model.graph.inputs.append(model.graph.initializers["fc_w"])
+    p = apply(model, clusters=4)
+    assert any("also a graph input" in r.detail for r in records(p, "refused") if r.node == "fc")
+
+
+def test_non_float_and_activation_weights_are_refused_and_int_gathers_ignored():
+    b = Builder()
+    x = b.input("x", ["N", 8])
+    w = b.input("w", [8, 8])
+    h = b.op("MatMul", [x, w], name="mm")
+    table = b.init("ids_table", np.arange(100, dtype=np.int64).reshape(10, 10))
+    idx = b.input("i", [2], ir.DataType.INT64)
+    g = b.op("Gather", [table, idx], name="int_gather", output_names=["g"])
+    g.dtype = ir.DataType.INT64
+    model = b.model([h, g])
+    p = apply(model)
+    assert [(r.node, r.detail) for r in records(p)] == [("mm", "weight input is not an initializer")]
+
+
+def test_small_and_excluded_weights_are_refused():
+    model = model_with_random_weights()
+    p = ClusterWeights(ClusterWeightsOptions(min_elements=1000, exclude="^fc$"))
+    assert not p(model).modified
+    details = {r.node: r.detail for r in records(p, "refused")}
+    assert details == {"conv": "only 288 elements (< min_elements=1000)", "fc": "excluded by exclude=^fc$"}
+
+
+def test_gather_tables_can_be_left_alone():
+    model = model_with_random_weights(table=True)
+    table = initializer(model, "table").copy()
+    apply(model, gather=False)
+    np.testing.assert_array_equal(initializer(model, "table"), table)
+
+
+def test_quantized_model_is_left_alone():
+    b = Builder()
+    x = b.input("x", [4])
+    q = b.op("QuantizeLinear", [x, b.init("s", np.float32(0.1)), b.init("z", np.uint8(128))], name="q")
+    y = b.op("DequantizeLinear", [q, b.init("s2", np.float32(0.1)), b.init("z2", np.uint8(128))], name="dq",
+             output_names=["y"])
+    model = b.model([y])
+    p = ClusterWeights()
+    assert not p(model).modified
+    assert "already quantized" in p.notes[0]
+
+
+# ---------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("text, message", [
+    ("clusters=1", "must lie in [2, 256]"),
+    ("clusters=257", "must lie in [2, 256]"),
+    ("init=random", "must be one of linear|kmeans++|density"),
+    ("form=sparse", "must be one of dense|indexed"),
+    ("min_elements=-1", "at least 0"),
+    ("exclude=(", "not a valid regular expression"),
+])
+def test_bad_options_name_the_option(text, message):
+    with pytest.raises(OptionError, match=f"cluster-weights: option '{text.split('=')[0]}'.*{message}".replace("[", r"\[").replace("]", r"\]").replace("|", r"\|").replace("+", r"\+")):
+        Pipeline.parse(f"cluster-weights{{{text}}}")
+
+
+def test_pipeline_text_prints_back():
+    text = "cluster-weights{clusters=32,init=density,form=indexed,gather=false}"
+    assert str(Pipeline.parse(text)).endswith(text)
+    options = parse_options(ClusterWeightsOptions, {"clusters": "32", "init": "kmeans++"})
+    assert options.clusters == 32 and options.init == "kmeans++"
