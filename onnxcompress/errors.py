@@ -48,3 +48,8 @@ class PassFailure(OnnxCompressError):
         super().__init__(message)
         self.pass_name = pass_name
         self.reproducer = reproducer
+
+
+class ArchiveError(OnnxCompressError):
+    """An ``.onnxz`` archive cannot be written or read back exactly: not an archive, a newer
+    format, truncated, corrupt, or a model the archive cannot hold."""
