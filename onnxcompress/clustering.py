@@ -13,11 +13,11 @@ no n×k distance matrix is ever built.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from typing import Literal
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 Init = Literal["linear", "kmeans++", "density"]
 INITS: tuple[str, ...] = ("linear", "kmeans++", "density")
@@ -28,13 +28,23 @@ MIN_FIT_BINS = 4096
 
 @dataclasses.dataclass(frozen=True)
 class Clustered:
-    """An array as a codebook and one index per element: ``codebook[indices]`` rebuilds it."""
+    """An array as a codebook and one index per element: ``codebook[indices]`` rebuilds it,
+    times ``scales`` along ``axis`` when the codebook is shared by scaled channels."""
 
     codebook: np.ndarray  # sorted ascending, same dtype as the input
     indices: np.ndarray  # uint8 (up to 256 entries) or uint16, the input's shape
+    scales: np.ndarray | None = None  # one per slice along ``axis``, same dtype as the input
+    axis: int = 0
 
     def rebuild(self) -> np.ndarray:
-        return self.codebook[self.indices]
+        shared = self.codebook[self.indices]
+        return shared if self.scales is None else shared * self.broadcast_scales()
+
+    def broadcast_scales(self) -> np.ndarray:
+        """The scales shaped to multiply the indices' shape along ``axis``."""
+        shape = [1] * self.indices.ndim
+        shape[self.axis] = -1
+        return self.scales.reshape(shape)
 
     @property
     def index_bits(self) -> int:
@@ -81,6 +91,71 @@ def cluster_values(array: np.ndarray, clusters: int, init: Init = "linear", seed
     return Clustered(codebook, indices.astype(dtype).reshape(array.shape))
 
 
+def cluster_channels(array: np.ndarray, axis: int, clusters: int, init: Init = "linear", seed: int = 0) -> Clustered:
+    """One codebook shared by every slice of ``array`` along ``axis`` (output channels), each
+    slice divided by its own root-mean-square (of its nonzero elements) before the k-means
+    and multiplied by it after.
+
+    Every channel keeps about the same relative error whatever its magnitude, as per-channel
+    quantization scales give, for ``array.shape[axis]`` more values instead of one codebook
+    per channel. Zeros stay exactly zero. A slice with no nonzero element gets scale 1.
+    """
+    axis = axis % array.ndim
+    moved = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1).astype(np.float64)
+    nonzero = np.count_nonzero(moved, axis=1)
+    rms = np.sqrt(np.square(moved).sum(axis=1) / np.maximum(nonzero, 1))
+    scales = np.where(nonzero > 0, rms, 1.0).astype(array.dtype)
+    shape = [1] * array.ndim
+    shape[axis] = -1
+    shared = cluster_values((array / scales.reshape(shape)).astype(array.dtype), clusters, init, seed)
+    return Clustered(shared.codebook, shared.indices, scales, axis)
+
+
+# Tensor metadata of a weight clustered with scaled channels, so that pack can find its
+# indices: the codebook and the scales (base64 of their little-endian bytes, in the weight's
+# dtype) and the axis.
+CODEBOOK_KEY = "onnxcompress.codebook"
+SCALES_KEY = "onnxcompress.codebook_scales"
+AXIS_KEY = "onnxcompress.codebook_axis"
+
+
+def codebook_metadata(clustered: Clustered) -> dict[str, str]:
+    """The tensor metadata of a weight clustered with scaled channels (empty otherwise)."""
+    if clustered.scales is None:
+        return {}
+    return {CODEBOOK_KEY: _base64(clustered.codebook), SCALES_KEY: _base64(clustered.scales),
+            AXIS_KEY: str(clustered.axis)}
+
+
+def from_codebook_metadata(array: np.ndarray, metadata) -> Clustered | None:
+    """The codebook, scales and indices of ``array`` read back from its tensor metadata, when
+    the metadata is there, well-formed, and rebuilds ``array`` bit for bit; else None."""
+    try:
+        codebook = _from_base64(metadata[CODEBOOK_KEY], array.dtype)
+        scales = _from_base64(metadata[SCALES_KEY], array.dtype)
+        axis = int(metadata[AXIS_KEY])
+    except (KeyError, ValueError, TypeError):
+        return None
+    if not 0 <= axis < array.ndim or scales.size != array.shape[axis] or not 0 < codebook.size <= 256:
+        return None
+    if np.any(np.diff(codebook) < 0) or not np.all(np.isfinite(codebook)) or not np.all(scales != 0):
+        return None
+    shape = [1] * array.ndim
+    shape[axis] = -1
+    normalized = np.nan_to_num(array / scales.reshape(shape))
+    indices = _nearest(normalized.ravel(), codebook).astype(np.uint8).reshape(array.shape)
+    found = Clustered(codebook, indices, scales, axis)
+    return found if found.rebuild().astype(array.dtype).tobytes() == array.tobytes() else None
+
+
+def _base64(array: np.ndarray) -> str:
+    return base64.b64encode(array.astype(array.dtype.newbyteorder("<")).tobytes()).decode("ascii")
+
+
+def _from_base64(text: str, dtype: np.dtype) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text, validate=True), np.dtype(dtype).newbyteorder("<")).astype(dtype)
+
+
 def _few_distinct(values: np.ndarray, room: int) -> np.ndarray | None:
     """The distinct values when there are at most ``room`` of them (the exact case), else None."""
     if values.size == 0:
@@ -97,6 +172,7 @@ def _few_distinct(values: np.ndarray, room: int) -> np.ndarray | None:
 
 def _fit(values: np.ndarray, k: int, init: Init, seed: int) -> np.ndarray:
     """k centroids fitted by scikit-learn's KMeans on the values' histogram."""
+    from sklearn.cluster import KMeans  # imported here: unpacking an archive needs this module, not scikit-learn
     lo, hi = float(values.min()), float(values.max())
     bins = max(MIN_FIT_BINS, FIT_BINS_PER_CLUSTER * k)
     counts, edges = np.histogram(values.astype(np.float64), bins=bins, range=(lo, hi))

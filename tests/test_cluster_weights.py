@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 from onnxcompress.passes.cluster_weights import ClusterWeights, ClusterWeightsOptions
 
-from onnxcompress.clustering import cluster_values
+from onnxcompress.clustering import CODEBOOK_KEY, cluster_channels, cluster_values, from_codebook_metadata
 from onnxcompress.errors import OptionError
 from onnxcompress.options import parse_options
 from onnxcompress.pipeline import Pipeline
@@ -130,6 +130,59 @@ def test_constant_and_all_zero_arrays():
     assert np.array_equal(cluster_values(np.zeros(10, np.float32), 4).rebuild(), np.zeros(10, np.float32))
 
 
+def channels_of_very_different_sizes(channels=6, seed=5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    sizes = np.logspace(-3, 1, channels)[:, None, None, None]
+    return (rng.standard_normal((channels, 4, 3, 3)) * sizes).astype(np.float32)
+
+
+def channel_sqnr(original: np.ndarray, rebuilt: np.ndarray) -> np.ndarray:
+    error = (rebuilt.astype(np.float64) - original).reshape(len(original), -1)
+    signal = np.square(original.astype(np.float64)).reshape(len(original), -1)
+    return 10 * np.log10(signal.sum(axis=1) / np.square(error).sum(axis=1))
+
+
+def test_scaled_channels_keep_every_channel_relative_error():
+    w = channels_of_very_different_sizes()
+    per_tensor = channel_sqnr(w, cluster_values(w, 16).rebuild())
+    per_channel = channel_sqnr(w, cluster_channels(w, 0, 16).rebuild())
+    assert per_tensor.min() < 0 < 15 < per_channel.min()  # one codebook drowns the small channels
+    assert per_channel.max() - per_channel.min() < 6
+
+
+def test_scaled_channels_along_the_last_axis_and_zeros_kept():
+    w = channels_of_very_different_sizes().reshape(6, 36).T.copy()  # [K=36, N=6]: channels on axis 1
+    w[::3] = 0
+    clustered = cluster_channels(w, -1, 8)
+    assert clustered.axis == 1 and clustered.scales.shape == (6,)
+    rebuilt = clustered.rebuild()
+    np.testing.assert_array_equal(rebuilt == 0, w == 0)
+    assert channel_sqnr(w.T, rebuilt.T).min() > 10
+
+
+def test_scaled_channels_exact_up_to_rounding_when_channels_share_few_values():
+    base = weight_on_codebook((40,), [-1.5, -0.25, 0.5, 2.0], seed=3)
+    rng = np.random.default_rng(4)  # every channel a scaled permutation of the same values
+    w = np.stack([rng.permutation(base) for _ in range(5)]) * np.float32([1e-3, 0.1, 1, 10, 1e3])[:, None]
+    rebuilt = cluster_channels(w, 0, 4).rebuild()
+    np.testing.assert_allclose(rebuilt, w, rtol=2e-7, atol=0)
+
+
+def test_codebook_metadata_is_read_back_only_when_it_rebuilds_the_weight():
+    from onnxcompress.clustering import codebook_metadata
+
+    clustered = cluster_channels(channels_of_very_different_sizes(), 0, 16)
+    weight = clustered.rebuild()
+    metadata = codebook_metadata(clustered)
+    found = from_codebook_metadata(weight, metadata)
+    assert found is not None and np.array_equal(found.indices, clustered.indices)
+    touched = weight.copy()
+    touched[0, 0, 0, 0] = np.nextafter(touched[0, 0, 0, 0], np.float32(1))
+    assert from_codebook_metadata(touched, metadata) is None
+    assert from_codebook_metadata(weight, {**metadata, CODEBOOK_KEY: "not base64!"}) is None
+    assert from_codebook_metadata(weight, {}) is None
+
+
 def test_fewer_than_two_clusters_is_an_error():
     with pytest.raises(ValueError, match="at least 2"):
         cluster_values(np.ones(4, np.float32), 1)
@@ -226,6 +279,30 @@ def test_onnxruntime_runs_the_indexed_form_with_graph_optimisations():
     assert_close(run(dense, feeds), optimized, rel=1e-6)
 
 
+def test_channel_granularity_in_both_forms_and_pack_codes_it(tmp_path):
+    from onnxcompress.modelio import save_model
+    from onnxcompress.pack import pack_bytes, storage_report, unpack_bytes
+
+    model = conv_gemm_model(channels_of_very_different_sizes(8), RNG.standard_normal((5, 288)).astype(np.float32))
+    dense, indexed = clone(model), clone(model)
+    p = apply(dense, clusters=16, granularity="channel")
+    apply(indexed, clusters=16, granularity="channel", form="indexed")
+    check(dense), check(indexed)
+    assert "8 channel scales along axis 0" in records(p, "rewritten")[0].detail
+    assert "5 channel scales along axis 0" in records(p, "rewritten")[1].detail  # Gemm transB: N is axis 0
+    assert ops(indexed).count("Mul") == 2
+    scales = initializer(indexed, "conv_w_scales")
+    assert scales.shape == (8, 1, 1, 1)
+    rebuilt = initializer(indexed, "conv_w_codebook")[initializer(indexed, "conv_w_indices")] * scales
+    assert_identical([initializer(dense, "conv_w")], [rebuilt])
+    feeds = feeds_for(model)
+    assert_close(run(dense, feeds), run(indexed, feeds), rel=1e-6)
+    path = save_model(dense, tmp_path / "dense.onnx")
+    data = path.read_bytes()
+    assert {t.name: t.chosen for t in storage_report(data)}["conv_w"] == "scaled-codebook"
+    assert unpack_bytes(pack_bytes(data)) == data
+
+
 # ---------------------------------------------------------------------------- refusals
 
 
@@ -309,6 +386,7 @@ def test_quantized_model_is_left_alone():
     ("clusters=257", "must lie in [2, 256]"),
     ("init=random", "must be one of linear|kmeans++|density"),
     ("form=sparse", "must be one of dense|indexed"),
+    ("granularity=row", "must be one of tensor|channel"),
     ("min_elements=-1", "at least 0"),
     ("exclude=(", "not a valid regular expression"),
 ])
@@ -318,7 +396,7 @@ def test_bad_options_name_the_option(text, message):
 
 
 def test_pipeline_text_prints_back():
-    text = "cluster-weights{clusters=32,init=density,form=indexed,gather=false}"
+    text = "cluster-weights{clusters=32,init=density,granularity=channel,form=indexed,gather=false}"
     assert str(Pipeline.parse(text)).endswith(text)
     options = parse_options(ClusterWeightsOptions, {"clusters": "32", "init": "kmeans++"})
     assert options.clusters == 32 and options.init == "kmeans++"
