@@ -1,7 +1,9 @@
 """The command line: a thin layer over the Python API.
 
     onnxcompress optimize IN.onnx -o OUT.onnx -p PIPELINE | --preset NAME [debugging flags]
-    onnxcompress inspect MODEL.onnx [--json]
+    onnxcompress inspect MODEL.onnx [--json] [--storage]
+    onnxcompress pack MODEL.onnx -o MODEL.onnxz
+    onnxcompress unpack MODEL.onnxz -o MODEL.onnx
     onnxcompress compare A.onnx B.onnx --calib DATA [--per-node]
     onnxcompress list-passes [--json]
 
@@ -80,7 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--top", type=int, default=25, help="rows of the per-node table (0: all)")
     ins.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
                      help="fix an input's shape for MACs (e.g. input_ids=1,128); repeatable")
+    ins.add_argument("--storage", action="store_true",
+                     help="per weight tensor: bits per weight under each archive encoding, and pack's choice")
     ins.set_defaults(func=_inspect)
+
+    pck = sub.add_parser("pack", help="store a model in an .onnxz archive (sparse, codebook and Huffman-coded weights)")
+    pck.add_argument("input", help="the ONNX model (never modified)")
+    pck.add_argument("-o", "--output", required=True, help="the archive to write (MODEL.onnxz)")
+    pck.set_defaults(func=_pack)
+
+    upk = sub.add_parser("unpack", help="the ONNX model an .onnxz archive holds, bit for bit")
+    upk.add_argument("input", help="the archive (never modified)")
+    upk.add_argument("-o", "--output", required=True, help="the ONNX model to write")
+    upk.set_defaults(func=_unpack)
 
     cmp_ = sub.add_parser("compare", help="output drift between two models on the same feeds")
     cmp_.add_argument("a")
@@ -158,6 +172,8 @@ def _inspect(args) -> int:
     from onnxcompress.analysis.cost import compute_cost
     from onnxcompress.modelio import load_model
 
+    if args.storage:
+        return _inspect_storage(args)
     model = load_model(args.model)
     try:
         cost = compute_cost(model, input_shapes=_parse_shapes(args.input_shape) or None)
@@ -190,6 +206,61 @@ def _inspect(args) -> int:
     for name, count in sorted(by_pass.items()):
         examples = [c for c in candidates if c.pass_name == name][:3]
         print(f"  {name}: {count} ({'; '.join(f'{c.node}: {c.what}' for c in examples)}{'; ...' if count > 3 else ''})")
+    return 0
+
+
+def _inspect_storage(args) -> int:
+    from onnxcompress.pack import storage_report
+
+    path = Path(args.model)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise OnnxCompressError(f"cannot read {path}: {exc.strerror or exc}") from None
+    tensors = storage_report(data)
+    if args.json:
+        print(json.dumps([{**t.__dict__, "encodings": [e.__dict__ for e in t.encodings]} for t in tensors], indent=2))
+        return 0
+    shown = sorted(tensors, key=lambda t: t.raw_bytes, reverse=True)
+    shown = shown if args.top == 0 else shown[: args.top]
+    used = list(dict.fromkeys(e.encoding for t in shown for e in t.encodings))
+    rows = [("tensor", "dtype", "elements", "bytes", *(f"{e} b/w" for e in used), "packed", "chosen")]
+    for t in shown:
+        bits = [_bits(t, e) for e in used]
+        rows.append((t.name, t.dtype, f"{t.elements:,}", f"{t.raw_bytes:,}",
+                     *("-" if b is None else f"{b:.2f}" for b in bits), f"{t.chosen_bytes:,}", t.chosen))
+    print(_table(rows))
+    if len(shown) < len(tensors):
+        print(f"... {len(tensors) - len(shown)} more tensors (--top 0 shows all)")
+    raw = sum(t.raw_bytes for t in tensors)
+    packed = sum(t.chosen_bytes for t in tensors)
+    print(f"\n{len(tensors)} tensors: {raw:,} bytes raw, {packed:,} bytes packed "
+          f"({raw / max(packed, 1):.1f}x; the graph and the archive header come on top)")
+    print("b/w: bits per element under each encoding; 'inline': too small to pack apart, stays in the graph")
+    return 0
+
+
+def _bits(tensor, encoding: str) -> float | None:
+    try:
+        return 8 * tensor.size(encoding) / max(tensor.elements, 1)
+    except KeyError:
+        return None
+
+
+def _pack(args) -> int:
+    from onnxcompress.pack import pack_file
+
+    out = pack_file(args.input, args.output)
+    before, after = Path(args.input).stat().st_size, out.stat().st_size
+    print(f"wrote {out}: {before:,} -> {after:,} bytes ({before / max(after, 1):.1f}x smaller)")
+    return 0
+
+
+def _unpack(args) -> int:
+    from onnxcompress.pack import unpack_file
+
+    out = unpack_file(args.input, args.output)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes, checked against the archive's SHA-256)")
     return 0
 
 

@@ -196,3 +196,60 @@ def test_int8_preset_end_to_end_and_without_calibration(tiny_path, tiny_calib, t
     qdq = next(p for p in report["passes"] if p["name"] == "quantize-qdq")
     assert qdq["status"] == "changed" and any("onnxruntime runs" in n for n in qdq["notes"])
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(out).graph.node}
+
+
+def test_pack_unpack_round_trip_bit_for_bit(tiny_path, tmp_path, capsys):
+    clustered = tmp_path / "clustered.onnx"
+    code, _, err = cli("optimize", tiny_path, "-o", clustered, "-p", "cluster-weights{clusters=4,min_elements=0}",
+                       capsys=capsys)
+    assert code == 0, err
+    archive, restored = tmp_path / "m.onnxz", tmp_path / "back" / "m.onnx"
+    code, out, err = cli("pack", clustered, "-o", archive, capsys=capsys)
+    assert code == 0, err
+    assert f"wrote {archive}" in out and archive.stat().st_size < clustered.stat().st_size
+    code, out, err = cli("unpack", archive, "-o", restored, capsys=capsys)
+    assert code == 0, err
+    assert restored.read_bytes() == clustered.read_bytes()
+
+
+def matmul_model_path(tmp_path):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+    path = tmp_path / "mm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_inspect_storage_shows_bits_per_weight_per_encoding(tmp_path, capsys):
+    clustered = tmp_path / "clustered.onnx"
+    assert cli("optimize", matmul_model_path(tmp_path), "-o", clustered, "-p", "cluster-weights{clusters=4}",
+               capsys=capsys)[0] == 0
+    code, out, err = cli("inspect", "--storage", clustered, capsys=capsys)
+    assert code == 0, err
+    header = out.splitlines()[0]
+    for column in ("tensor", "elements", "stored b/w", "codebook b/w", "chosen"):
+        assert column in header
+    assert "bytes packed" in out
+    code, out, _ = cli("inspect", "--storage", "--json", clustered, capsys=capsys)
+    tensors = json.loads(out)
+    assert [t["chosen"] for t in tensors] == ["codebook"]
+    assert [e["encoding"] for e in tensors[0]["encodings"]][:2] == ["stored", "codebook"]
+    assert all({"name", "dtype", "elements", "raw_bytes", "encodings", "chosen"} <= set(t) for t in tensors)
+
+
+@pytest.mark.parametrize("command", ["pack", "unpack"])
+def test_pack_and_unpack_bad_input_one_line_nothing_written(command, tmp_path, capsys):
+    broken = tmp_path / "broken.bin"
+    broken.write_bytes(b"\x00\x01garbage")
+    out = tmp_path / "out.file"
+    code, _, err = cli(command, broken, "-o", out, capsys=capsys)
+    assert code != 0
+    assert err.startswith("onnxcompress: error: ") and len(err.strip().splitlines()) == 1
+    assert not out.exists() and broken.read_bytes() == b"\x00\x01garbage"
+    code, _, err = cli(command, tmp_path / "missing", "-o", out, capsys=capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and not out.exists()
