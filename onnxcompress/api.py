@@ -12,18 +12,22 @@ import os
 from pathlib import Path
 from typing import Literal, Sequence
 
+import onnx
 import onnx_ir as ir
 
 from onnxcompress import calibration as calib
-from onnxcompress.errors import CalibrationError
+from onnxcompress.errors import ArchiveError, CalibrationError
 from onnxcompress.instruments import CostTracking, DriftCheck, Instrument, Lineage, Reproducer, Timing, Verify
 from onnxcompress.manager import PassManager
 from onnxcompress.metrics import DriftBudget
-from onnxcompress.modelio import LOAD_NOTES, load_model, save_model
+from onnxcompress.modelio import LOAD_NOTES, load_model, model_bytes, save_model
+from onnxcompress.pack import pack_file, unpack_file, write_archive
 from onnxcompress.pipeline import Pipeline
 from onnxcompress.report import Report
 
-__all__ = ["Result", "compress", "load_model", "save_model"]
+__all__ = ["Result", "compress", "load_model", "pack", "save_model", "unpack"]
+
+ARCHIVE_SUFFIX = ".onnxz"
 
 
 @dataclasses.dataclass
@@ -32,14 +36,40 @@ class Result:
     report: Report
 
     def save(self, path, report: str | os.PathLike | None = None, external_data: str | bool | None = None) -> Path:
-        """Write the model atomically, and the JSON report if a path is given."""
-        out = save_model(self.model, path, external_data=external_data)
+        """Write the model atomically (a path ending in ``.onnxz``: as an archive, see
+        :func:`pack`), and the JSON report if a path is given."""
+        if Path(path).suffix == ARCHIVE_SUFFIX:
+            if external_data:
+                raise ArchiveError("an .onnxz archive holds the weights itself; external_data does not apply")
+            out = write_archive(model_bytes(self.model), path)
+        else:
+            out = save_model(self.model, path, external_data=external_data)
         if report is not None:
             _write_atomic(Path(report), self.report.to_json() + "\n")
         return out
 
     def to_proto(self):
         return ir.to_proto(self.model)
+
+
+def pack(model, path) -> Path:
+    """Store ``model`` (a path to an ONNX file, an ``onnx.ModelProto`` or an ``onnx_ir.Model``)
+    in the ``.onnxz`` archive ``path``: every weight under its smallest exact encoding
+    (sparse, codebook, Huffman-coded bytes, zlib). :func:`unpack` gives the ONNX file back bit
+    for bit. A path is packed as its bytes are, without loading it."""
+    if isinstance(model, (str, os.PathLike)):
+        return pack_file(model, path)
+    if isinstance(model, onnx.ModelProto):
+        return write_archive(model.SerializeToString(), path)
+    if isinstance(model, ir.Model):
+        return write_archive(model_bytes(model), path)
+    raise ArchiveError(f"cannot pack a {type(model).__name__}: give a path, an onnx.ModelProto or an onnx_ir.Model")
+
+
+def unpack(archive, path) -> Path:
+    """Write the ONNX file the ``.onnxz`` archive holds to ``path``, checked bit for bit
+    against the SHA-256 recorded when it was packed."""
+    return unpack_file(archive, path)
 
 
 def compress(

@@ -198,6 +198,16 @@ def initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+def model_bytes(model: ir.Model) -> bytes:
+    """The serialized model with its weights inline, as :func:`save_model` writes it (weights
+    marked for sparse storage as sparse constants)."""
+    if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        raise ModelLoadError(f"the model's weights take {initializer_bytes(model):,} bytes: over 2 GB, an ONNX "
+                             "file must keep them as external data (save it as .onnx, not as one file or archive)")
+    proto = ir.to_proto(model)
+    return (to_sparse_storage(proto) if has_sparse_marks(model) else proto).SerializeToString()
+
+
 def save_model(model: ir.Model, path, *, external_data: str | bool | None = None) -> Path:
     """Write ``model`` to ``path`` atomically (temporary file, then rename).
 
@@ -213,13 +223,11 @@ def save_model(model: ir.Model, path, *, external_data: str | bool | None = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        if has_sparse_marks(model) and not external_data:
-            onnx.save(to_sparse_storage(ir.to_proto(model)), tmp)
-        elif external_data:
+        if not external_data:
+            Path(tmp).write_bytes(model_bytes(model))
+        else:
             # onnx_ir writes the data file atomically itself; the graph goes via the temp name.
             ir.save(model, tmp, external_data=external_data)
-        else:
-            ir.save(model, tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

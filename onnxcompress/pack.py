@@ -174,6 +174,14 @@ def pack_file(src, dst) -> Path:
     return _write_atomically(dst, pack_bytes(data))
 
 
+def write_archive(onnx_bytes: bytes, dst) -> Path:
+    """Pack a serialized ONNX model into the archive ``dst`` (written atomically)."""
+    dst = Path(dst)
+    if dst.is_dir():
+        raise ArchiveError(f"{dst}: is a folder; give the path of the file to write")
+    return _write_atomically(dst, pack_bytes(onnx_bytes))
+
+
 def unpack_file(src, dst) -> Path:
     """Unpack the archive ``src`` into the ONNX file ``dst`` (written atomically; ``src`` untouched)."""
     src, dst = Path(src), Path(dst)

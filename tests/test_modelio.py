@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -131,12 +132,28 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     target = tmp_path / "out.onnx"
     target.write_bytes(b"previous")
 
+    def broken_write(self, data):
+        with open(self, "wb") as out:
+            out.write(data[: len(data) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_bytes", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(ir.from_proto(tiny_classifier()), target)
+    assert target.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+
+
+def test_save_is_atomic_when_writing_external_data_fails(tmp_path, monkeypatch):
+    target = tmp_path / "out.onnx"
+    target.write_bytes(b"previous")
+
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(ir, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        save_model(ir.from_proto(tiny_classifier()), target)
+        save_model(ir.from_proto(tiny_classifier()), target, external_data=True)
     assert target.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
 

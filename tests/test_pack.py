@@ -602,3 +602,38 @@ def test_real_models_unpack_bit_for_bit(name, tmp_path):
     assert len(archive) < 0.9 * len(data)
     out = pack.unpack_file(pack.pack_file(path, tmp_path / f"{name}.onnxz"), tmp_path / f"{name}.onnx")
     assert out.read_bytes() == data and path.read_bytes() == data
+
+
+# --------------------------------------------------------------------------- the Python API
+
+
+def test_api_packs_paths_protos_ir_models_and_results_alike(tmp_path):
+    import onnx_ir as ir
+
+    import onnxcompress
+
+    w = np.random.default_rng(0).choice(np.float32([-1, 0.5, 2]), size=(64, 64))
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    source = tmp_path / "m.onnx"
+    onnx.save(proto, source)
+    result = onnxcompress.compress(source, "cleanup")
+    plain = result.save(tmp_path / "plain.onnx").read_bytes()
+    archives = [onnxcompress.pack(source, tmp_path / "a.onnxz"), onnxcompress.pack(proto, tmp_path / "b.onnxz"),
+                onnxcompress.pack(ir.serde.deserialize_model(proto), tmp_path / "c.onnxz"),
+                result.save(tmp_path / "d.onnxz")]
+    expected = [source.read_bytes(), proto.SerializeToString(), None, plain]
+    for archive, want in zip(archives, expected):
+        back = onnxcompress.unpack(archive, archive.with_suffix(".onnx")).read_bytes()
+        if want is not None:
+            assert back == want
+        onnx.checker.check_model(onnx.load_model_from_string(back))
+        assert archive.stat().st_size < len(back)
+    with pytest.raises(ArchiveError, match="cannot pack a dict"):
+        onnxcompress.pack({}, tmp_path / "e.onnxz")
+    with pytest.raises(ArchiveError, match="external_data does not apply"):
+        result.save(tmp_path / "f.onnxz", external_data=True)
+    assert not (tmp_path / "e.onnxz").exists() and not (tmp_path / "f.onnxz").exists()
