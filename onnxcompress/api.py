@@ -21,7 +21,7 @@ from onnxcompress.instruments import CostTracking, DriftCheck, Instrument, Linea
 from onnxcompress.manager import PassManager
 from onnxcompress.metrics import DriftBudget
 from onnxcompress.modelio import LOAD_NOTES, load_model, model_bytes, save_model
-from onnxcompress.pack import pack_file, unpack_file, write_archive
+from onnxcompress.archive import pack_file, unpack_file, write_archive
 from onnxcompress.pipeline import Pipeline
 from onnxcompress.report import Report
 

@@ -210,7 +210,7 @@ def _inspect(args) -> int:
 
 
 def _inspect_storage(args) -> int:
-    from onnxcompress.pack import storage_report
+    from onnxcompress.archive import storage_report
 
     path = Path(args.model)
     try:
@@ -248,7 +248,7 @@ def _bits(tensor, encoding: str) -> float | None:
 
 
 def _pack(args) -> int:
-    from onnxcompress.pack import pack_file
+    from onnxcompress.archive import pack_file
 
     out = pack_file(args.input, args.output)
     before, after = Path(args.input).stat().st_size, out.stat().st_size
@@ -257,7 +257,7 @@ def _pack(args) -> int:
 
 
 def _unpack(args) -> int:
-    from onnxcompress.pack import unpack_file
+    from onnxcompress.archive import unpack_file
 
     out = unpack_file(args.input, args.output)
     print(f"wrote {out} ({out.stat().st_size:,} bytes, checked against the archive's SHA-256)")

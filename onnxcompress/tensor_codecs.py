@@ -1,4 +1,4 @@
-"""Exact encodings of one tensor's raw bytes, for the ``.onnxz`` archive (:mod:`onnxcompress.pack`).
+"""Exact encodings of one tensor's raw bytes, for the ``.onnxz`` archive (:mod:`onnxcompress.archive`).
 
 Tensor encodings (the blob of each tensor, ``params`` in its header entry). A tensor's bytes
 are read as ``unit``-byte little-endian elements: 2 for 16-bit types, 4 for FLOAT, INT32,

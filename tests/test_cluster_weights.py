@@ -281,7 +281,7 @@ def test_onnxruntime_runs_the_indexed_form_with_graph_optimisations():
 
 def test_channel_granularity_in_both_forms_and_pack_codes_it(tmp_path):
     from onnxcompress.modelio import save_model
-    from onnxcompress.pack import pack_bytes, storage_report, unpack_bytes
+    from onnxcompress.archive import pack_bytes, storage_report, unpack_bytes
 
     model = conv_gemm_model(channels_of_very_different_sizes(8), RNG.standard_normal((5, 288)).astype(np.float32))
     dense, indexed = clone(model), clone(model)

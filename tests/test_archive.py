@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import models
-from onnxcompress import pack
+from onnxcompress import archive as onnxz
 from onnxcompress.errors import ArchiveError, ModelLoadError, OnnxCompressError
 
 RNG = np.random.default_rng(7)
@@ -98,8 +98,8 @@ def _encodings(archive: bytes) -> dict[str, str]:
 
 
 def _round_trip(data: bytes) -> bytes:
-    archive = pack.pack_bytes(data)
-    assert pack.unpack_bytes(archive) == data
+    archive = onnxz.pack_bytes(data)
+    assert onnxz.unpack_bytes(archive) == data
     return archive
 
 
@@ -148,7 +148,7 @@ def test_unpack_of_pack_is_the_same_bytes(case):
 
 def test_archive_is_deterministic():
     data = _serialized(_zoo()["if-subgraphs"])
-    assert pack.pack_bytes(data) == pack.pack_bytes(data)
+    assert onnxz.pack_bytes(data) == onnxz.pack_bytes(data)
 
 
 def test_every_walked_place_is_taken_out():
@@ -188,8 +188,8 @@ def test_small_and_typed_tensors_stay_in_the_graph():
 # --------------------------------------------------------------------------- chosen encodings
 
 
-def _report(model: onnx.ModelProto) -> dict[str, pack.TensorStorage]:
-    return {entry.name: entry for entry in pack.storage_report(_serialized(model))}
+def _report(model: onnx.ModelProto) -> dict[str, onnxz.TensorStorage]:
+    return {entry.name: entry for entry in onnxz.storage_report(_serialized(model))}
 
 
 def _low_bit_int8(shape=(256, 256)) -> np.ndarray:
@@ -226,7 +226,7 @@ def test_int8_weights_cost_their_entropy():
 def test_report_agrees_with_the_archive():
     model = _zoo()["if-subgraphs"]
     data = _serialized(model)
-    entries = {e["name"]: e for e in _header(pack.pack_bytes(data))["tensors"]}
+    entries = {e["name"]: e for e in _header(onnxz.pack_bytes(data))["tensors"]}
     report = _report(model)
     for name, entry in entries.items():
         storage = report[name]
@@ -238,7 +238,7 @@ def test_report_agrees_with_the_archive():
 
 def test_storage_report_fields():
     report = _report(_model([_init("c", _clustered((128, 64), k=16))]))["c"]
-    assert isinstance(report, pack.TensorStorage)
+    assert isinstance(report, onnxz.TensorStorage)
     assert (report.dtype, report.elements, report.raw_bytes, report.locator) == ("float32", 8192, 32768, "graph.initializer[0]")
     names = [e.encoding for e in report.encodings]
     assert names[0] == "stored" and "codebook" in names and "zlib" in names
@@ -339,7 +339,7 @@ def test_random_floats_compress_their_exponent_plane():
 def test_a_file_protobuf_would_rewrite_is_packed_whole(caplog):
     data = _serialized(_model([_init("w", _clustered())]))
     data += bytes([0x08, 0x07])  # ir_version again: valid protobuf, re-serialized differently
-    with caplog.at_level(logging.WARNING, logger="onnxcompress.pack"):
+    with caplog.at_level(logging.WARNING, logger="onnxcompress.archive"):
         archive = _round_trip(data)
     header = _header(archive)
     assert header["encoding"] == "whole-file" and header["tensors"] == []
@@ -367,14 +367,14 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 )
 def test_packing_what_is_not_a_model(data, message):
     with pytest.raises(ModelLoadError) as exc:
-        pack.pack_bytes(data)
+        onnxz.pack_bytes(data)
     assert message in _one_line(exc)
 
 
 def test_packing_an_archive_again():
-    archive = pack.pack_bytes(_serialized(_zoo()["dense"]))
+    archive = onnxz.pack_bytes(_serialized(_zoo()["dense"]))
     with pytest.raises(ModelLoadError, match="already an .onnxz archive"):
-        pack.pack_bytes(archive)
+        onnxz.pack_bytes(archive)
 
 
 def test_external_data_is_refused():
@@ -382,7 +382,7 @@ def test_external_data_is_refused():
     tensor = model.graph.initializer[0]
     onnx.external_data_helper.set_external_data(tensor, "weights.bin", offset=0, length=len(tensor.raw_data))
     tensor.ClearField("raw_data")
-    for call in (pack.pack_bytes, pack.storage_report):
+    for call in (onnxz.pack_bytes, onnxz.storage_report):
         with pytest.raises(ArchiveError) as exc:
             call(_serialized(model))
         assert _one_line(exc) == ("tensor 'big' (graph.initializer[0]) uses external data; "
@@ -393,7 +393,7 @@ def test_external_data_is_refused():
 def archive() -> bytes:
     model = _model([_init("c", _clustered((64, 64))), _init("s", RNG.integers(-2**31, 2**31, 2000).astype(np.int32)),
                     _init("d", _dense((64, 64))), _init("z", _sparse((64, 64))), _init("q", _low_bit_int8((64, 64)))])
-    archive = pack.pack_bytes(_serialized(model))
+    archive = onnxz.pack_bytes(_serialized(model))
     assert _encodings(archive) == {"c": "codebook", "s": "stored", "d": "zlib", "z": "sparse", "q": "bytes-huffman"}
     return archive
 
@@ -450,24 +450,24 @@ def _flip(archive: bytes, name: str, at: int) -> bytes:
 )
 def test_every_bad_archive_is_an_archive_error(archive, corrupt, message):
     with pytest.raises(ArchiveError) as exc:
-        pack.unpack_bytes(corrupt(archive))
+        onnxz.unpack_bytes(corrupt(archive))
     assert message in _one_line(exc)
 
 
 def test_every_truncation_of_an_archive_is_an_error(archive):
     for cut in list(range(0, 200)) + list(range(200, len(archive), 97)):
         with pytest.raises(ArchiveError):
-            pack.unpack_bytes(archive[:cut])
+            onnxz.unpack_bytes(archive[:cut])
 
 
 def test_every_flipped_blob_byte_is_an_error_or_exact(archive):
     header, blobs = _split(archive)
-    original = pack.unpack_bytes(archive)
+    original = onnxz.unpack_bytes(archive)
     for at in range(0, len(blobs), max(1, len(blobs) // 500)):
         bad = bytearray(blobs)
         bad[at] ^= 0x10
         try:
-            result = pack.unpack_bytes(_join(header, bytes(bad)))
+            result = onnxz.unpack_bytes(_join(header, bytes(bad)))
         except ArchiveError:
             continue
         assert result == original  # never a wrong model
@@ -488,7 +488,7 @@ def _paths(value, path=()):
 @pytest.mark.parametrize("replacement", [None, -1, 0, 1, 10**12, "x", [], {}, True, 1.5])
 def test_every_header_field_replaced_is_an_error_or_exact(archive, replacement):
     header, blobs = _split(archive)
-    original = pack.unpack_bytes(archive)
+    original = onnxz.unpack_bytes(archive)
     for path, _ in _paths(header):
         changed = json.loads(json.dumps(header))
         target = changed
@@ -496,7 +496,7 @@ def test_every_header_field_replaced_is_an_error_or_exact(archive, replacement):
             target = target[key]
         target[path[-1]] = replacement
         try:
-            result = pack.unpack_bytes(_join(changed, blobs))
+            result = onnxz.unpack_bytes(_join(changed, blobs))
         except ArchiveError as exc:
             assert "\n" not in str(exc)
             continue
@@ -518,9 +518,9 @@ def test_pack_and_unpack_files(tmp_path):
     src = tmp_path / "model.onnx"
     src.write_bytes(_serialized(_zoo()["if-subgraphs"]))
     before, mtime = _digest(src), src.stat().st_mtime_ns
-    archive = pack.pack_file(src, tmp_path / "out" / "model.onnxz")
+    archive = onnxz.pack_file(src, tmp_path / "out" / "model.onnxz")
     assert archive == tmp_path / "out" / "model.onnxz" and archive.stat().st_size < src.stat().st_size
-    restored = pack.unpack_file(archive, tmp_path / "restored.onnx")
+    restored = onnxz.unpack_file(archive, tmp_path / "restored.onnx")
     assert restored.read_bytes() == src.read_bytes()
     assert _digest(src) == before and src.stat().st_mtime_ns == mtime
     onnx.checker.check_model(str(restored))
@@ -531,8 +531,8 @@ def test_pack_overwrites_an_existing_archive(tmp_path):
     src, dst = tmp_path / "m.onnx", tmp_path / "m.onnxz"
     src.write_bytes(_serialized(_zoo()["dense"]))
     dst.write_bytes(b"old")
-    pack.pack_file(src, dst)
-    assert pack.unpack_bytes(dst.read_bytes()) == src.read_bytes()
+    onnxz.pack_file(src, dst)
+    assert onnxz.unpack_bytes(dst.read_bytes()) == src.read_bytes()
 
 
 def test_refuses_to_write_onto_the_input(tmp_path):
@@ -543,27 +543,27 @@ def test_refuses_to_write_onto_the_input(tmp_path):
     link.symlink_to(src)
     for dst in (src, tmp_path / "." / "m.onnx", link):
         with pytest.raises(ArchiveError) as exc:
-            pack.pack_file(src, dst)
+            onnxz.pack_file(src, dst)
         assert "is the input file" in _one_line(exc)
     archive = tmp_path / "m.onnxz"
-    pack.pack_file(src, archive)
+    onnxz.pack_file(src, archive)
     with pytest.raises(ArchiveError, match="is the input file"):
-        pack.unpack_file(archive, archive)
-    assert _digest(src) == before and pack.unpack_bytes(archive.read_bytes()) == src.read_bytes()
+        onnxz.unpack_file(archive, archive)
+    assert _digest(src) == before and onnxz.unpack_bytes(archive.read_bytes()) == src.read_bytes()
 
 
 def test_nothing_written_on_error(tmp_path):
     bad_model, bad_archive = tmp_path / "bad.onnx", tmp_path / "bad.onnxz"
     bad_model.write_bytes(b"not a model at all")
-    bad_archive.write_bytes(pack.pack_bytes(_serialized(_zoo()["dense"]))[:-3])
+    bad_archive.write_bytes(onnxz.pack_bytes(_serialized(_zoo()["dense"]))[:-3])
     with pytest.raises(ModelLoadError):
-        pack.pack_file(bad_model, tmp_path / "new.onnxz")
+        onnxz.pack_file(bad_model, tmp_path / "new.onnxz")
     with pytest.raises(ArchiveError):
-        pack.unpack_file(bad_archive, tmp_path / "new.onnx")
+        onnxz.unpack_file(bad_archive, tmp_path / "new.onnx")
     existing = tmp_path / "existing.onnx"
     existing.write_bytes(b"keep me")
     with pytest.raises(ArchiveError):
-        pack.unpack_file(bad_archive, existing)
+        onnxz.unpack_file(bad_archive, existing)
     assert existing.read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "bad.onnxz", "existing.onnx"]
 
@@ -573,17 +573,17 @@ def test_refuses_a_folder_as_target(tmp_path):
     src.write_bytes(_serialized(_zoo()["dense"]))
     (tmp_path / "folder").mkdir()
     with pytest.raises(ArchiveError, match="is a folder"):
-        pack.pack_file(src, tmp_path / "folder")
+        onnxz.pack_file(src, tmp_path / "folder")
     assert list((tmp_path / "folder").iterdir()) == []
 
 
 def test_missing_inputs(tmp_path):
     with pytest.raises(ModelLoadError, match="no such file"):
-        pack.pack_file(tmp_path / "nope.onnx", tmp_path / "x.onnxz")
+        onnxz.pack_file(tmp_path / "nope.onnx", tmp_path / "x.onnxz")
     with pytest.raises(ArchiveError, match="no such file"):
-        pack.unpack_file(tmp_path / "nope.onnxz", tmp_path / "x.onnx")
+        onnxz.unpack_file(tmp_path / "nope.onnxz", tmp_path / "x.onnx")
     with pytest.raises(ArchiveError, match="is a folder"):
-        pack.unpack_file(tmp_path, tmp_path / "x.onnx")
+        onnxz.unpack_file(tmp_path, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.onnxz").exists()
 
 
@@ -591,16 +591,16 @@ def test_missing_inputs(tmp_path):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("name", ["digits_cnn", "mobilenet_v2"])
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_real_models_unpack_bit_for_bit(name, tmp_path):
     path = models.fetch(name)
     data = path.read_bytes()
-    archive = pack.pack_bytes(data)
-    assert pack.unpack_bytes(archive) == data
+    archive = onnxz.pack_bytes(data)
+    assert onnxz.unpack_bytes(archive) == data
     header = _header(archive)
     assert header["encoding"] == "tensors"
     assert len(archive) < 0.9 * len(data)
-    out = pack.unpack_file(pack.pack_file(path, tmp_path / f"{name}.onnxz"), tmp_path / f"{name}.onnx")
+    out = onnxz.unpack_file(onnxz.pack_file(path, tmp_path / f"{name}.onnxz"), tmp_path / f"{name}.onnx")
     assert out.read_bytes() == data and path.read_bytes() == data
 
 
