@@ -50,8 +50,10 @@ def test_the_round_trips_cover_both_decoders():
     for kind, paired in (("indices", True), ("two", True), ("geometric", False), ("long-tail", False)):
         symbols = _source(kind, 100_003)
         lengths = huffman.code_lengths(np.bincount(symbols, minlength=256))
-        assert huffman._paired(lengths, huffman.block_size(symbols.size), symbols.size) == paired, kind
-    assert huffman.block_size(100_003) % 2 == 0 and (100_003 % huffman.block_size(100_003)) % 2 == 1
+        mean_bits = float(np.bincount(symbols, minlength=256) @ lengths) / symbols.size
+        assert huffman._paired(lengths, huffman.block_size(symbols.size, mean_bits), symbols.size) == paired, kind
+    block = huffman.block_size(100_003, 3.0)
+    assert block % 2 == 0 and (100_003 % block) % 2 == 1
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -126,8 +128,9 @@ def test_size_within_one_percent_of_entropy(n, alphabet):
     1% of the entropy bound plus the overhead (header, code lengths, block lengths)."""
     symbols = np.clip(np.round(RNG.laplace(alphabet / 2, alphabet / 12, n)), 0, alphabet - 1).astype(np.uint8)
     stream = huffman.encode(symbols)
-    blocks = -(-n // huffman.block_size(n))
-    k = np.count_nonzero(np.bincount(symbols, minlength=256))
+    counts = np.bincount(symbols, minlength=256)
+    blocks = -(-n // huffman.block_size(n, float(counts @ huffman.code_lengths(counts)) / n))
+    k = np.count_nonzero(counts)
     overhead = 12 + 2 + _table_bytes(k) + 10 + 3 + 2 * blocks  # block lengths: at most 16 bits each
     entropy_bytes = _entropy_bits(symbols) / 8
     assert entropy_bytes <= len(stream) <= 1.01 * entropy_bytes + overhead
