@@ -81,17 +81,18 @@ class ClusterWeights(CompressionPass):
     small and large channels keep the same relative error, as per-channel quantization
     scales give, for one more value per channel (the 1-D table of a Gather: a scale per
     element). On ppocrv4_rec, whose BatchNorm-folded channels differ by orders of magnitude,
-    64 values per tensor give exact match 0.00 and 64 scaled-channel values 0.51. The dense
-    form records the codebook, scales and axis in the tensor's metadata
+    64 values per tensor give exact match 0.00, 64 scaled-channel values 0.905 (FP32 0.970).
+    The dense form records the codebook, scales and axis in the tensor's metadata
     (``onnxcompress.codebook*``) so that ``pack`` can code the indices.
 
     ``form=dense`` replaces the weight by its shared values: the graph is unchanged, the
     tensor has ``clusters`` distinct values, and ``onnxcompress pack`` stores it as indices
     into a codebook. ``form=indexed`` stores ``<weight>_indices`` (uint8, the weight's
     shape) and ``<weight>_codebook`` (float, [entries]) and feeds the readers from
-    ``Gather(codebook, Cast(indices, int32))`` (times ``<weight>_scales`` for channels): the file holds one byte per weight instead
-    of four, and onnxruntime folds the Gather into the dense weight when it builds its
-    session, so it runs as fast as the original. Passes that fold constants undo it: put
+    ``Gather(codebook, Cast(indices, int32))`` (times ``<weight>_scales`` for channels):
+    the file holds one byte per weight instead of four, and onnxruntime folds the Gather
+    into the dense weight when it builds its session, so it runs the same kernels as the
+    original. Passes that fold constants undo it: put
     ``form=indexed`` last.
 
     Exact limit: a weight whose nonzero elements take at most ``clusters`` distinct values
