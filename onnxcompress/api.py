@@ -20,7 +20,7 @@ from onnxcompress.errors import ArchiveError, CalibrationError
 from onnxcompress.instruments import CostTracking, DriftCheck, Instrument, Lineage, Reproducer, Timing, Verify
 from onnxcompress.manager import PassManager
 from onnxcompress.metrics import DriftBudget
-from onnxcompress.modelio import LOAD_NOTES, load_model, model_bytes, save_model
+from onnxcompress.modelio import LOAD_NOTES, load_model, model_bytes, save_model, write_atomically
 from onnxcompress.archive import pack_file, unpack_file, write_archive
 from onnxcompress.pipeline import Pipeline
 from onnxcompress.report import Report
@@ -45,7 +45,7 @@ class Result:
         else:
             out = save_model(self.model, path, external_data=external_data)
         if report is not None:
-            _write_atomic(Path(report), self.report.to_json() + "\n")
+            write_atomically(Path(report), (self.report.to_json() + "\n").encode())
         return out
 
     def to_proto(self):
@@ -129,10 +129,3 @@ def _feeds(model, calibration, random_count, limit):
     feeds = calib.load_calibration(calibration, model, limit)
     where = f" from {calibration}" if isinstance(calibration, (str, os.PathLike)) else ""
     return feeds, f"{len(feeds)} feeds{where}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -57,7 +57,6 @@ import lzma
 import math
 import os
 import struct
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -69,6 +68,7 @@ from google.protobuf.message import DecodeError
 
 from onnxcompress import tensor_codecs
 from onnxcompress.errors import ArchiveError, ModelLoadError
+from onnxcompress.modelio import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def pack_file(src, dst) -> Path:
     src, dst = Path(src), Path(dst)
     data = _read_input(src, ModelLoadError, "ONNX model")
     _check_target(src, dst)
-    return _write_atomically(dst, pack_bytes(data))
+    return write_atomically(dst, pack_bytes(data))
 
 
 def write_archive(onnx_bytes: bytes, dst) -> Path:
@@ -179,7 +179,7 @@ def write_archive(onnx_bytes: bytes, dst) -> Path:
     dst = Path(dst)
     if dst.is_dir():
         raise ArchiveError(f"{dst}: is a folder; give the path of the file to write")
-    return _write_atomically(dst, pack_bytes(onnx_bytes))
+    return write_atomically(dst, pack_bytes(onnx_bytes))
 
 
 def unpack_file(src, dst) -> Path:
@@ -187,7 +187,7 @@ def unpack_file(src, dst) -> Path:
     src, dst = Path(src), Path(dst)
     data = _read_input(src, ArchiveError, "archive")
     _check_target(src, dst)
-    return _write_atomically(dst, unpack_bytes(data))
+    return write_atomically(dst, unpack_bytes(data))
 
 
 def storage_report(onnx_bytes: bytes) -> list[TensorStorage]:
@@ -491,19 +491,4 @@ def _check_target(src: Path, dst: Path) -> None:
         raise ArchiveError(f"{dst}: is the input file; refusing to overwrite it")
     if dst.is_dir():
         raise ArchiveError(f"{dst}: is a folder; give the path of the file to write")
-
-
-def _write_atomically(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 

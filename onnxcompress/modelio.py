@@ -220,14 +220,30 @@ def save_model(model: ir.Model, path, *, external_data: str | bool | None = None
         external_data = True
     if external_data is True:
         external_data = path.name + ".data"
+    if not external_data:
+        return write_atomically(path, model_bytes(model))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    try:  # onnx_ir writes the data file atomically itself; the graph goes via the temp name
+        ir.save(model, tmp, external_data=external_data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_atomically(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file beside it, renamed into place:
+    a failed write leaves ``path`` as it was and no temporary file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        if not external_data:
-            Path(tmp).write_bytes(model_bytes(model))
-        else:
-            # onnx_ir writes the data file atomically itself; the graph goes via the temp name.
-            ir.save(model, tmp, external_data=external_data)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
