@@ -101,8 +101,8 @@ class ClusterWeights(CompressionPass):
 
     Refused, with the reason: a model already quantized (nothing is touched); weights
     that are not float initializers, are graph inputs or outputs, are also read as another
-    input than the weight, are smaller than ``min_elements``, or whose nodes match
-    ``exclude``. Nodes inside If/Loop/Scan bodies are not visited.
+    input than the weight, are smaller than ``min_elements``, hold NaN or infinite values,
+    or whose nodes match ``exclude``. Nodes inside If/Loop/Scan bodies are not visited.
     """
 
     name = "cluster-weights"
@@ -185,6 +185,8 @@ class ClusterWeights(CompressionPass):
             reason = reasons.get(key)
             if reason is None and size < self.options.min_elements:
                 reason = f"only {size} elements (< min_elements={self.options.min_elements})"
+            if reason is None and not np.isfinite(weight.array).all():
+                reason = f"weight '{weight.value.name}' holds NaN or infinite values"
             if reason is None:
                 eligible.append(weight)
             elif record:

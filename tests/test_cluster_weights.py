@@ -359,6 +359,17 @@ def test_small_and_excluded_weights_are_refused():
     assert details == {"conv": "only 288 elements (< min_elements=1000)", "fc": "excluded by exclude=^fc$"}
 
 
+def test_weight_with_nan_or_inf_is_refused():
+    model = model_with_random_weights()
+    w = initializer(model, "fc_w").copy()
+    w[0, 0], w[1, 1] = np.nan, np.inf
+    replace = model.graph.initializers["fc_w"]
+    replace.const_value = ir.tensor(w, name="fc_w")
+    p = apply(model)
+    assert {r.node: r.detail for r in records(p, "refused")} == {"fc": "weight 'fc_w' holds NaN or infinite values"}
+    assert [r.node for r in records(p, "rewritten")] == ["conv"]
+
+
 def test_gather_tables_can_be_left_alone():
     model = model_with_random_weights(table=True)
     table = initializer(model, "table").copy()
