@@ -4,8 +4,12 @@ reads it."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import onnx_ir as ir
+
+from onnxcompress.pass_base import node_label
 
 
 def new_initializer(owner: ir.Model | ir.Graph, base: str, array: np.ndarray) -> ir.Value:
@@ -45,6 +49,26 @@ def replace_initializer(old: ir.Value, array: np.ndarray, tensor_metadata: dict[
     graph.initializers.pop(old.name)
     graph.register_initializer(new)
     return new
+
+
+def weight_refusal(value: ir.Value | None, float_types, is_weight_use: Callable[[ir.Node, int], bool],
+                   rewrite: str) -> str | None:
+    """Why a weight input ``value`` cannot be rewritten in place whatever the options, or None:
+    not an initializer, a graph input or output, not of ``float_types``, or also read where
+    ``is_weight_use(node, input_index)`` is false (``rewrite`` names the rewrite in the reason)."""
+    if value is None or value.const_value is None or not value.is_initializer():
+        return "weight input is not an initializer"
+    if value.is_graph_input():
+        return f"weight '{value.name}' is also a graph input (it may be overridden at run time)"
+    if value.is_graph_output():
+        return f"weight '{value.name}' is also a graph output"
+    if value.const_value.dtype not in float_types:
+        return f"weight '{value.name}' is {value.const_value.dtype.name}, not a float type"
+    for use in value.uses():
+        if not is_weight_use(use.node, use.idx):
+            return (f"weight '{value.name}' is also input {use.idx} of {use.node.op_type} "
+                    f"'{node_label(use.node)}'; {rewrite} would change that too")
+    return None
 
 
 def drop_if_unused(value: ir.Value) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.clustering import INITS, Clustered, Init, cluster_channels, cluster_values, codebook_metadata
-from onnxcompress.initializers import Names, drop_if_unused, new_initializer, replace_initializer
+from onnxcompress.initializers import Names, drop_if_unused, new_initializer, replace_initializer, weight_refusal
 from onnxcompress.metrics import format_db
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
@@ -119,16 +119,17 @@ class ClusterWeights(CompressionPass):
         for weight in self._eligible(model, record=True):
             array = weight.array
             clustered = self._cluster(weight)
-            if self.options.form == "dense" and np.array_equal(clustered.rebuild(), array):
+            rebuilt = clustered.rebuild()
+            if self.options.form == "dense" and np.array_equal(rebuilt, array):
                 self._refuse_all(weight, f"already takes {len(clustered.codebook)} distinct values "
                                          f"(<= clusters={self.options.clusters})")
                 continue
             if self.options.form == "dense":
                 metadata = {**weight.value.const_value.metadata_props, **codebook_metadata(clustered)}
-                replace_initializer(weight.value, clustered.rebuild(), metadata)
+                replace_initializer(weight.value, rebuilt, metadata)
             else:
                 self._index(model, weight, clustered, names)
-            detail = _detail(array, clustered, weight)
+            detail = _detail(array, rebuilt, clustered, weight)
             for node in weight.nodes:
                 self.rewrote(node, detail)
             changed += 1
@@ -224,19 +225,7 @@ class ClusterWeights(CompressionPass):
 
 def _static_refusal(value: ir.Value | None) -> str | None:
     """Why the weight input ``value`` cannot be clustered whatever the options, or None."""
-    if value is None or value.const_value is None or not value.is_initializer():
-        return "weight input is not an initializer"
-    if value.const_value.dtype not in FLOAT_TYPES:
-        return f"weight '{value.name}' is {value.const_value.dtype.name}, not a float type"
-    if value.is_graph_input():
-        return f"weight '{value.name}' is also a graph input (it may be overridden at run time)"
-    if value.is_graph_output():
-        return f"weight '{value.name}' is also a graph output"
-    for use in value.uses():
-        if WEIGHT_INPUT.get(use.node.op_type) != use.idx:
-            return (f"weight '{value.name}' is also input {use.idx} of {use.node.op_type} "
-                    f"'{node_label(use.node)}'; clustering would change that too")
-    return None
+    return weight_refusal(value, FLOAT_TYPES, lambda node, index: WEIGHT_INPUT.get(node.op_type) == index, "clustering")
 
 
 def _channel_axis(node: ir.Node, rank: int) -> int:
@@ -251,8 +240,8 @@ def _channel_axis(node: ir.Node, rank: int) -> int:
     return rank - 1  # MatMul [..., K, N], Gather [V, D]
 
 
-def _detail(array: np.ndarray, clustered: Clustered, weight: SharedWeight) -> str:
-    error = clustered.rebuild().astype(np.float64) - array
+def _detail(array: np.ndarray, rebuilt: np.ndarray, clustered: Clustered, weight: SharedWeight) -> str:
+    error = rebuilt.astype(np.float64) - array
     signal = float(np.square(array, dtype=np.float64).sum())
     noise = float(np.square(error).sum())
     sqnr = float("inf") if noise == 0 else 10 * np.log10(signal / noise) if signal > 0 else float("-inf")

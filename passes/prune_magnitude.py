@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.initializers import replace_initializer
+from onnxcompress.initializers import replace_initializer, weight_refusal
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 from onnxcompress.registry import register
@@ -290,19 +290,7 @@ def _storage(array: np.ndarray, zeros: int, sparse_storage: bool, was_marked: bo
 
 def _static_refusal(value: ir.Value | None) -> str | None:
     """Why the weight input ``value`` cannot be pruned whatever the options, or None."""
-    if value is None or value.const_value is None or not value.is_initializer():
-        return "weight input is not an initializer"
-    if value.is_graph_input():
-        return f"weight '{value.name}' is also a graph input (it may be overridden at run time)"
-    if value.is_graph_output():
-        return f"weight '{value.name}' is also a graph output"
-    if value.const_value.dtype not in FLOAT_TYPES:
-        return f"weight '{value.name}' is {value.const_value.dtype.name}, not a float type"
-    for use in value.uses():
-        if use.node.op_type not in WEIGHT_OPS or use.idx != 1:
-            return (f"weight '{value.name}' is also input {use.idx} of {use.node.op_type} "
-                    f"'{node_label(use.node)}'; pruning would change that too")
-    return None
+    return weight_refusal(value, FLOAT_TYPES, lambda node, index: node.op_type in WEIGHT_OPS and index == 1, "pruning")
 
 
 def _reduction_axis(node: ir.Node, rank: int) -> int:
