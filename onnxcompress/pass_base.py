@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from onnxcompress.analysis import AnalysisManager
 from onnxcompress.options import PassOptions, non_default_items
+from onnxcompress.quantization import quantized_reason
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,14 @@ class CompressionPass(ir.passes.InPlacePass):
     def note(self, text: str) -> None:
         """A whole-model remark for the report (e.g. "removed 3 nodes")."""
         self.notes.append(text)
+
+    def left_alone_as_quantized(self, model: ir.Model) -> bool:
+        """True, with a note saying why, when ``model`` is already quantized: passes that
+        quantize or share weights do not stack a second grid on the first."""
+        reason = quantized_reason(model)
+        if reason:
+            self.note(f"left alone: {reason}")
+        return bool(reason)
 
     def rewrote(self, node: ir.Node, detail: str = "") -> None:
         self.records.append(NodeRecord(node_label(node), node.op_type, "rewritten", detail))

@@ -130,8 +130,7 @@ class QuantizeDynamic(CompressionPass):
     lossless = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if reason := quantized_reason(model):
-            self.note(f"left alone: {reason}")
+        if self.left_alone_as_quantized(model):
             return ir.passes.PassResult(model, modified=False)
         names = Names(model)
         outcomes = Outcomes(model)

@@ -124,8 +124,7 @@ class QuantizeQdq(CompressionPass):
     lossless = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if reason := quantized_reason(model):
-            self.note(f"{reason}: left alone")
+        if self.left_alone_as_quantized(model):
             return ir.passes.PassResult(model, modified=False)
         feeds = self.context.calibration
         if not feeds:
