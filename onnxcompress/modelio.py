@@ -9,9 +9,11 @@ failed save leaves nothing half-written; models over 2 GB get external data.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import logging
 
@@ -222,15 +224,8 @@ def save_model(model: ir.Model, path, *, external_data: str | bool | None = None
         external_data = path.name + ".data"
     if not external_data:
         return write_atomically(path, model_bytes(model))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:  # onnx_ir writes the data file atomically itself; the graph goes via the temp name
+    with _replaced_by_temporary(path) as tmp:  # onnx_ir writes the data file atomically itself
         ir.save(model, tmp, external_data=external_data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -239,17 +234,26 @@ def write_atomically(path, data: bytes) -> Path:
     a failed write leaves ``path`` as it was and no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with _replaced_by_temporary(path) as tmp:
+        with open(tmp, "wb") as out:
             out.write(data)
         os.chmod(tmp, 0o644)
+    return path
+
+
+@contextlib.contextmanager
+def _replaced_by_temporary(path: Path) -> Iterator[str]:
+    """A temporary file name beside ``path``, renamed onto it when the block succeeds and
+    removed when it fails."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
 
 
 def _first_line(exc: BaseException) -> str:
