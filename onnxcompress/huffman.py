@@ -96,7 +96,8 @@ def encode(symbols: np.ndarray) -> bytes:
     lengths = code_lengths(np.sum(counts, axis=0))
     block = block_size(n, float(np.sum(counts, axis=0) @ lengths) / n)
     chunk = block * max(1, ENCODE_CHUNK // block)
-    chunk_counts = counts if chunk == ENCODE_CHUNK else _counts(symbols, chunk)
+    # recounted only when the chunks differ: below ENCODE_CHUNK symbols both are one chunk
+    chunk_counts = counts if chunk == ENCODE_CHUNK or n <= chunk else _counts(symbols, chunk)
     codes = canonical_codes(lengths)
     payload, block_bits = _lay_out_codes(symbols, codes, lengths, block, chunk, chunk_counts)
     return b"".join([head, _length_table(lengths), _BLOCKS.pack(block, int(block_bits.sum())),
