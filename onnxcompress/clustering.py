@@ -76,9 +76,10 @@ def cluster_values(array: np.ndarray, clusters: int, init: Init = "linear", seed
     has_zeros = bool(zero.any())
     values = flat[~zero] if has_zeros else flat
     room = clusters - 1 if has_zeros else clusters
-    centroids = _few_distinct(values, room)
+    data = values.astype(np.float64)  # once: the histograms, the search and the means all read float64
+    centroids = _few_distinct(data, room)
     if centroids is None:
-        centroids = _mean_of_nearest(values, _fit(values, room, init, seed))
+        centroids = _mean_of_nearest(data, _fit(data, room, init, seed))
     codebook = np.sort(np.concatenate([[0.0], centroids]) if has_zeros else centroids).astype(array.dtype)
     indices = _nearest(flat, codebook)
     if has_zeros:  # an exact zero is never assigned to a nonzero centroid, nor a nonzero weight to 0
@@ -157,17 +158,17 @@ def _from_base64(text: str, dtype: np.dtype) -> np.ndarray:
 
 
 def _few_distinct(values: np.ndarray, room: int) -> np.ndarray | None:
-    """The distinct values when there are at most ``room`` of them (the exact case), else None."""
+    """The distinct values (float64) when there are at most ``room`` of them (the exact case), else None."""
     if values.size == 0:
         return np.zeros(0, np.float64)
     lo, hi = float(values.min()), float(values.max())
     if lo == hi:
         return np.array([lo])
-    occupied = np.count_nonzero(np.histogram(values.astype(np.float64), bins=4 * room, range=(lo, hi))[0])
+    occupied = np.count_nonzero(np.histogram(values, bins=4 * room, range=(lo, hi))[0])
     if occupied > room:  # more occupied bins than entries: certainly more distinct values
         return None
     distinct = np.unique(values)
-    return distinct.astype(np.float64) if distinct.size <= room else None
+    return distinct if distinct.size <= room else None
 
 
 def _fit(values: np.ndarray, k: int, init: Init, seed: int) -> np.ndarray:
@@ -175,7 +176,7 @@ def _fit(values: np.ndarray, k: int, init: Init, seed: int) -> np.ndarray:
     from sklearn.cluster import KMeans  # imported here: unpacking an archive needs this module, not scikit-learn
     lo, hi = float(values.min()), float(values.max())
     bins = max(MIN_FIT_BINS, FIT_BINS_PER_CLUSTER * k)
-    counts, edges = np.histogram(values.astype(np.float64), bins=bins, range=(lo, hi))
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
     keep = counts > 0
     centres = ((edges[:-1] + edges[1:]) / 2)[keep].reshape(-1, 1)
     weights = counts[keep].astype(np.float64)
