@@ -292,6 +292,8 @@ DEFAULT_ENERGY = 0.95
 class LowRankOptions(PassOptions):
     """Options shared by low-rank-gemm and low-rank-conv (each pass subclasses it)."""
 
+    exclusive = (("rank", "ratio", "energy"),)
+
     rank: int = option(0, "the same rank for every layer (0: not set); a layer whose full rank is "
                           "smaller is refused")
     ratio: float = option(0.0, "rank as a share of each layer's full rank min(K, N), in (0, 1], "

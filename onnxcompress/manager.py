@@ -45,7 +45,7 @@ class PassManager:
         context = PassContext(analyses=analyses, calibration=self.feeds)
         self._each("before_pipeline", state)
         for index, entry in enumerate(self.pipeline):
-            pass_ = registry.get_pass(entry.name)(entry.options, context)
+            pass_ = registry.get_pass(entry.name)(entry.options, context, entry.overrides)
             record = PassReport(index, entry.name, str(entry))
             report.passes.append(record)
             skip = next(filter(None, (i.should_run(state, pass_, record) for i in self.instruments)), None)

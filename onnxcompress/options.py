@@ -26,6 +26,9 @@ class PassOptions:
     """Base class of every pass's ``Options``. Has no fields itself."""
 
     pass_name: ClassVar[str] = "?"
+    # Groups of options of which a user gives one (e.g. rank, ratio, energy): a per-node
+    # override that sets one resets the others of its group to their defaults.
+    exclusive: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     def fail(self, option_name: str, message: str) -> typing.NoReturn:
         raise OptionError(f"{self.pass_name}: option '{option_name}' {message}")
@@ -111,6 +114,77 @@ def non_default_items(opts: PassOptions) -> list[tuple[str, str]]:
         if value != f.default:
             items.append((f.name, format_value(value)))
     return items
+
+
+SKIP_OPTION = "skip"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeOverride:
+    """Options for the nodes whose name matches ``pattern`` (a regular expression that must
+    match the whole name), or ``options=None``: leave those nodes alone (``skip=true``).
+
+    ``items`` is the override as written, in canonical form (declaration order, values
+    normalised), so that it prints back exactly.
+    """
+
+    pattern: str
+    options: PassOptions | None
+    items: tuple[tuple[str, str], ...]
+
+    def matches(self, name: str) -> bool:
+        return re.fullmatch(self.pattern, name) is not None
+
+    @property
+    def skip(self) -> bool:
+        return self.options is None
+
+
+def parse_override(base: PassOptions, pattern: str, values: dict[str, str], allowed: tuple[str, ...] | None) -> NodeOverride:
+    """The per-node override ``@pattern{values}`` of a pass whose options are ``base``.
+
+    ``allowed`` names the options a pass lets a node override (None: the pass takes no
+    per-node options at all). ``skip=true`` leaves the matching nodes alone and takes no
+    other option. Setting one option of an exclusive group (``Options.exclusive``, e.g.
+    rank/ratio/energy) resets the others of that group to their defaults for those nodes.
+    """
+    cls = type(base)
+    name = cls.pass_name
+    if allowed is None:
+        raise OptionError(f"{name}: takes no per-node options (@{pattern}{{...}})")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise OptionError(f"{name}: node pattern '{pattern}' is not a valid regular expression: {exc}") from None
+    values = dict(values)
+    skip_text = values.pop(SKIP_OPTION, None)
+    if skip_text is not None:
+        skip = _convert(name, SKIP_OPTION, skip_text, bool)
+        if values and skip:
+            raise OptionError(f"{name}: @{pattern}: skip=true takes no other option, got {', '.join(values)}")
+        if skip:
+            return NodeOverride(pattern, None, (("skip", "true"),))
+    for key in values:
+        if key not in allowed:
+            where = f"per node it takes {', '.join(allowed)} or skip" if allowed else "per node it only takes skip"
+            raise OptionError(f"{name}: option '{key}' cannot be set per node (@{pattern}); {where}")
+    given = parse_options(cls, values) if values else cls()
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}
+    for key in values:
+        for group in getattr(cls, "exclusive", ()):
+            if key in group:
+                for other in group:
+                    fields[other] = _default(cls, other)
+    for key in values:
+        fields[key] = getattr(given, key)
+    options = cls(**fields)
+    order = [f.name for f in dataclasses.fields(cls)]
+    items = tuple((k, format_value(getattr(given, k))) for k in sorted(values, key=order.index))
+    return NodeOverride(pattern, options, items)
+
+
+def _default(cls: type[PassOptions], name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def describe_options(cls: type[PassOptions]) -> list[tuple[str, str, str, str]]:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Sequence
 
 import onnx_ir as ir
 
 from onnxcompress.analysis import AnalysisManager
-from onnxcompress.options import PassOptions, non_default_items
+from onnxcompress.options import NodeOverride, PassOptions, non_default_items
 from onnxcompress.quantization import quantized_reason
 
 logger = logging.getLogger(__name__)
@@ -75,12 +75,23 @@ class CompressionPass(ir.passes.InPlacePass):
     skippable: ClassVar[bool] = True
     # Whether the rewrite is exact up to float rounding.
     lossless: ClassVar[bool] = True
+    # The options a per-node override (``@PATTERN{...}``) may set; () only ``skip=true``;
+    # None: the pass takes no per-node overrides (it decides for the whole model).
+    per_node: ClassVar[tuple[str, ...] | None] = None
 
-    def __init__(self, options: PassOptions | None = None, context: PassContext | None = None):
+    def __init__(
+        self,
+        options: PassOptions | None = None,
+        context: PassContext | None = None,
+        overrides: Sequence[NodeOverride] = (),
+    ):
         super().__init__()
         self.options = options if options is not None else self.Options()
         if not isinstance(self.options, self.Options):
             raise TypeError(f"{self.name} takes {self.Options.__name__}, got {type(options)!r}")
+        if overrides and self.per_node is None:
+            raise TypeError(f"{self.name} takes no per-node overrides")
+        self.overrides = tuple(overrides)
         self.context = context if context is not None else PassContext()
         self.records: list[NodeRecord] = []
         self.notes: list[str] = []
@@ -96,10 +107,25 @@ class CompressionPass(ir.passes.InPlacePass):
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
     def spec(self) -> str:
-        """This pass and its non-default options as pipeline text."""
+        """This pass, its non-default options and its per-node overrides as pipeline text."""
         from onnxcompress.pipeline import format_entry
 
-        return format_entry(self.name, non_default_items(self.options))
+        return format_entry(self.name, non_default_items(self.options), self.overrides)
+
+    def node_options(self, node: ir.Node) -> PassOptions | None:
+        """The options for ``node``: those of the first override whose pattern matches its
+        whole name, else the pass's; None when that override says ``skip=true``."""
+        override = self.override_for(node)
+        return self.options if override is None else override.options
+
+    def override_for(self, node: ir.Node) -> NodeOverride | None:
+        name = node.name or ""
+        return next((o for o in self.overrides if o.matches(name)), None)
+
+    def skipped_by_plan(self, node: ir.Node) -> str:
+        """The refusal text when an override says ``skip=true`` for ``node``, else ''."""
+        override = self.override_for(node)
+        return f"left alone by the per-node plan (@{override.pattern})" if override is not None and override.skip else ""
 
     def __call__(self, model_or_result):
         self.records = []

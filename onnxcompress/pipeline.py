@@ -3,13 +3,18 @@
 Grammar (whitespace between tokens is ignored)::
 
     pipeline := entry ("," entry)*
-    entry    := NAME ["{" option ("," option)* "}"]
+    entry    := NAME ["{" item ("," item)* "}"]  |  "@" VALUE
+    item     := KEY "=" VALUE  |  "@" VALUE "{" [option ("," option)*] "}"
     option   := KEY "=" VALUE
     VALUE    := bare text without , { } = " or whitespace  |  "quoted text with \\" and \\\\"
 
-A NAME is a pass or a preset (presets expand in place and take no options). A parsed
-pipeline prints back as canonical text: presets expanded, default-valued options dropped,
-values normalised; that text parses to the same pipeline and prints to itself.
+A NAME is a pass or a preset (presets expand in place and take no options). ``@FILE`` as an
+entry expands in place to the pipeline of a JSON plan file (:mod:`onnxcompress.plan`).
+``@PATTERN{...}`` inside a pass's braces is a per-node override: the nodes whose whole name
+matches the regular expression PATTERN take those options (``skip=true``: are left alone);
+the first matching override wins, in the order written. A parsed pipeline prints back as
+canonical text: presets and plan files expanded, default-valued options dropped, values
+normalised; that text parses to the same pipeline and prints to itself.
 
 Ordering: each pass declares the passes that must run before it (``prerequisites``). Missing
 prerequisites are inserted just before the first pass that needs them; otherwise the
@@ -27,7 +32,7 @@ import networkx as nx
 
 from onnxcompress import registry
 from onnxcompress.errors import OrderingError, PipelineError
-from onnxcompress.options import PassOptions, non_default_items, parse_options
+from onnxcompress.options import NodeOverride, PassOptions, non_default_items, parse_options, parse_override
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _BARE_VALUE = re.compile(r'[^,{}="\s]+')
@@ -39,9 +44,10 @@ class PipelineEntry:
 
     name: str
     options: PassOptions
+    overrides: tuple[NodeOverride, ...] = ()
 
     def __str__(self) -> str:
-        return format_entry(self.name, non_default_items(self.options))
+        return format_entry(self.name, non_default_items(self.options), self.overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +68,15 @@ class Pipeline:
         """Parse, expand presets, validate options and order by prerequisites."""
         lookup = lookup or registry.get_pass
         raw = _expand_presets(_Parser(text).parse_pipeline(), lookup)
-        entries = [PipelineEntry(name, parse_options(lookup(name).Options, opts)) for name, opts in raw]
+        entries = [_build_entry(lookup(name), name, opts, overrides) for name, opts, overrides in raw]
         return cls(tuple(order_entries(entries, lookup)))
+
+
+def _build_entry(pass_cls, name: str, opts: dict[str, str], overrides: list) -> PipelineEntry:
+    options = parse_options(pass_cls.Options, opts)
+    allowed = getattr(pass_cls, "per_node", None)
+    built = tuple(parse_override(options, pattern, values, allowed) for pattern, values in overrides)
+    return PipelineEntry(name, options, built)
 
 
 def format_value(text: str) -> str:
@@ -72,10 +85,23 @@ def format_value(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def format_entry(name: str, items: list[tuple[str, str]]) -> str:
-    if not items:
-        return name
-    return name + "{" + ",".join(f"{k}={format_value(v)}" for k, v in items) + "}"
+def format_entry(name: str, items: list[tuple[str, str]], overrides=()) -> str:
+    parts = [f"{k}={format_value(v)}" for k, v in items]
+    parts += [format_override(o) for o in overrides]
+    return name + "{" + ",".join(parts) + "}" if parts else name
+
+
+def format_override(override: NodeOverride) -> str:
+    inner = ",".join(f"{k}={format_value(v)}" for k, v in override.items)
+    return f"@{format_value(override.pattern)}{{{inner}}}"
+
+
+_REGEX_SPECIAL = re.compile(r"([\\.^$*+?{}\[\]|()])")
+
+
+def name_pattern(name: str) -> str:
+    """A pattern that matches exactly the node ``name`` (only regex metacharacters escaped)."""
+    return _REGEX_SPECIAL.sub(r"\\\1", name)
 
 
 class _Parser:
@@ -110,7 +136,7 @@ class _Parser:
         self.pos = m.end()
         return m.group(0)
 
-    def parse_pipeline(self) -> list[tuple[str, dict[str, str]]]:
+    def parse_pipeline(self) -> list[tuple[str, dict[str, str], list]]:
         if not self.text.strip():
             raise PipelineError("empty pipeline: name at least one pass or preset")
         entries = [self.parse_entry()]
@@ -121,23 +147,51 @@ class _Parser:
             raise self.fail(f"unexpected '{self.peek()}'")
         return entries
 
-    def parse_entry(self) -> tuple[str, dict[str, str]]:
+    def parse_entry(self) -> tuple[str, dict[str, str], list]:
+        if self.peek() == "@":
+            self.pos += 1
+            return PLAN_FILE, {"path": self.parse_value()}, []
         name = self.match(_NAME, "a pass name")
         options: dict[str, str] = {}
+        overrides: list[tuple[str, dict[str, str]]] = []
         if self.peek() == "{":
             self.pos += 1
             while True:
-                key = self.match(_NAME, "an option name")
-                self.expect("=")
-                if key in options:
-                    raise self.fail(f"option '{key}' given twice for '{name}'")
-                options[key] = self.parse_value()
+                if self.peek() == "@":
+                    self.pos += 1
+                    pattern = self.parse_value()
+                    self.expect("{")
+                    overrides.append((pattern, self.parse_options(f"'{name}' @{pattern}", allow_empty=True)))
+                else:
+                    if overrides:
+                        raise self.fail(f"options of '{name}' come before its per-node overrides")
+                    self.parse_option(options, f"'{name}'")
                 if self.peek() == ",":
                     self.pos += 1
                     continue
                 self.expect("}")
                 break
-        return name, options
+        return name, options, overrides
+
+    def parse_options(self, where: str, allow_empty: bool) -> dict[str, str]:
+        """``option ("," option)* "}"`` after an opening brace."""
+        options: dict[str, str] = {}
+        if allow_empty and self.peek() == "}":
+            self.pos += 1
+            return options
+        while True:
+            self.parse_option(options, where)
+            if self.peek() != ",":
+                self.expect("}")
+                return options
+            self.pos += 1
+
+    def parse_option(self, options: dict[str, str], where: str) -> None:
+        key = self.match(_NAME, "an option name")
+        self.expect("=")
+        if key in options:
+            raise self.fail(f"option '{key}' given twice for {where}")
+        options[key] = self.parse_value()
 
     def parse_value(self) -> str:
         if self.peek() != '"':
@@ -158,17 +212,30 @@ class _Parser:
         raise self.fail("unterminated quoted value")
 
 
-def _expand_presets(raw, lookup) -> list[tuple[str, dict[str, str]]]:
+PLAN_FILE = "@"  # the entry name the parser gives an ``@FILE`` entry
+
+
+def _expand_presets(raw, lookup, seen: tuple[str, ...] = ()) -> list[tuple[str, dict[str, str], list]]:
     expanded = []
-    for name, options in raw:
-        if name in registry.PRESETS and not _is_pass(name, lookup):
-            if options:
+    for name, options, overrides in raw:
+        if name == PLAN_FILE:
+            expanded.extend(_expand_plan_file(options["path"], lookup, seen))
+        elif name in registry.PRESETS and not _is_pass(name, lookup):
+            if options or overrides:
                 raise PipelineError(f"preset '{name}' takes no options; give options to its passes")
             expanded.extend(_Parser(registry.PRESETS[name][0]).parse_pipeline())
         else:
             lookup(name)  # unknown names fail here, with the message of the lookup
-            expanded.append((name, options))
+            expanded.append((name, options, overrides))
     return expanded
+
+
+def _expand_plan_file(path: str, lookup, seen: tuple[str, ...]):
+    from onnxcompress.plan import read_plan_text
+
+    if path in seen:
+        raise PipelineError(f"plan file '{path}' includes itself: {' -> '.join((*seen, path))}")
+    return _expand_presets(_Parser(read_plan_text(path)).parse_pipeline(), lookup, (*seen, path))
 
 
 def _is_pass(name: str, lookup) -> bool:

@@ -55,7 +55,8 @@ class LowRankGemm(CompressionPass):
     ``Y = (X·A)·B``, A: K×r, B: r×N: a MatMul by A, then a MatMul by B (from a MatMul, whose
     input may be N-D, ``x[B, T, K]``), or a Gemm by B that keeps the original ``C``, ``alpha``,
     ``beta`` and ``transB`` (from a Gemm; onnxruntime runs Gemm with its bias in one kernel).
-    The output keeps its name. The rank comes from ``rank``, ``ratio`` (of the full rank
+    The output keeps its name, and the second product the node's name. Per node
+    (``@PATTERN{rank=...}``) the rank rule can differ, or ``skip=true`` leaves it alone. The rank comes from ``rank``, ``ratio`` (of the full rank
     ``min(K, N)``) or ``energy`` (share of squared singular values kept; the default); the
     options are exclusive. ``data_aware=true`` fits the factors to the layer's output on the
     calibration data instead (activation-whitened SVD, see :mod:`onnxcompress.factorize`;
@@ -80,6 +81,7 @@ class LowRankGemm(CompressionPass):
 
     name = "low-rank-gemm"
     Options = LowRankGemmOptions
+    per_node = ("rank", "ratio", "energy")
     prerequisites = ("lift-constants", "fold-batchnorm")
     lossless = False
 
@@ -95,7 +97,8 @@ class LowRankGemm(CompressionPass):
         changed = 0
         for weight, sites in groups.items():
             whitener = whiteners([site.x.name for site in sites])
-            p = plan(_used_matrix(sites[0]), options.rule, whitener=whitener)
+            rule = self.node_options(sites[0].node).rule  # a shared weight follows its first reader
+            p = plan(_used_matrix(sites[0]), rule, whitener=whitener)
             if reason := shrink_reason(p):
                 self._outcomes += [(site.node, "refused", reason) for site in sites]
                 continue
@@ -157,6 +160,8 @@ class LowRankGemm(CompressionPass):
     def _node_reason(self, node: ir.Node) -> str:
         if self.options.excluded(node):
             return f"excluded by exclude={self.options.exclude}"
+        if reason := self.skipped_by_plan(node):
+            return reason
         if reason := _gemm_reason(node):
             return reason
         weight = node.inputs[1]
