@@ -1,0 +1,188 @@
+"""Sensitivity analysis: the drift and the saving of each knob when only that node changes.
+
+A probe runs the knob's one-node pipeline (:func:`onnxcompress.knobs.probe_pipeline`) on the
+normalised model and measures, with onnxruntime on the calibration feeds, the outputs' drift
+against the normalised model's. Its *damage* is the relative noise power of the worst output,
+``Σ(y − y')² / Σy²`` = 10^(−SQNR/10): noise powers of independent changes add, which is what
+the search relies on. The *saving* is what the objective gains: constant bytes (``size``),
+MACs (``macs``), or MACs weighted by the measured int8 speed-up (``latency``, an estimate:
+probes are too short to time on a shared CPU; the chosen plan's latency is measured).
+
+Probes only read the part of the graph after the changed nodes: the reference model's
+activations are computed once, and a probe's model is cut where its tensors are still the
+reference's (same name, same producing computation), so onnxruntime runs only what changed
+and what follows it.
+
+``jobs > 1`` runs probes in that many worker processes (spawned: each loads the model once);
+each worker's onnxruntime sessions then use ``cpu_count // jobs`` threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import multiprocessing
+import os
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.analysis.cost import compute_cost
+from onnxcompress.knobs import Knob, probe_pipeline
+from onnxcompress.manager import PassManager
+from onnxcompress.metrics import Drift, output_drift, worst
+from onnxcompress.partial_run import CachedRunner
+from onnxcompress.pipeline import Pipeline
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ProbeResult:
+    knob: Knob
+    status: str  # "rewritten", "refused" or "failed"
+    reason: str = ""
+    damage: float = 0.0
+    drift: Drift | None = None
+    saving: float = 0.0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "node": self.knob.node, "op_type": self.knob.op_type, "knob": self.knob.label,
+            "family": self.knob.family.name, "status": self.status, "reason": self.reason,
+            "damage": self.damage, "saving": self.saving, "seconds": round(self.seconds, 3),
+            "drift": self.drift.to_dict() if self.drift else None,
+        }
+
+
+def damage_of(drift: Drift) -> float:
+    """Relative noise power of the worst output: 10^(−SQNR/10) (0 when exact)."""
+    if math.isinf(drift.sqnr_db):
+        return 0.0 if drift.sqnr_db > 0 else math.inf
+    return 10.0 ** (-drift.sqnr_db / 10.0)
+
+
+def constant_bytes(model: ir.Model) -> int:
+    """Bytes of the model's initializers as stored (int8 one byte, int4 half)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+class Objective:
+    """What the tuner minimises, measured on one model: ``size``, ``macs`` or ``latency``."""
+
+    INT8_MAC_COST = 0.5  # an int8 MAC costs about half a float one in onnxruntime's CPU kernels
+
+    def __init__(self, kind: str, input_shapes: dict | None = None):
+        if kind not in ("size", "macs", "latency"):
+            raise ValueError(f"objective must be size, macs or latency, not {kind!r}")
+        self.kind = kind
+        self.input_shapes = input_shapes
+
+    def __call__(self, model: ir.Model) -> float:
+        if self.kind == "size":
+            return float(constant_bytes(model))
+        cost = compute_cost(model, input_shapes=self.input_shapes)
+        if self.kind == "macs":
+            return float(cost.macs)
+        quantized = {n.name for n in model.graph if _reads_dequantized_weight(n)}
+        return float(sum(c.macs * (self.INT8_MAC_COST if c.node in quantized else 1.0) for c in cost.nodes))
+
+
+def _reads_dequantized_weight(node: ir.Node) -> bool:
+    if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or node.inputs[1] is None:
+        return False
+    producer = node.inputs[1].producer()
+    return producer is not None and producer.op_type == "DequantizeLinear"
+
+
+class Prober:
+    """Runs probes on one normalised model; picklable state for worker processes."""
+
+    def __init__(self, model: ir.Model, feeds: list[dict], objective: Objective, threads: int = 2):
+        self.model = model
+        self.feeds = feeds
+        self.objective = objective
+        self.runner = CachedRunner(model, feeds, threads)
+        self.reference = self.runner.reference
+        self.base_objective = objective(model)
+
+    def probe(self, knob: Knob) -> ProbeResult:
+        start = time.perf_counter()
+        try:
+            result = self._probe(knob)
+        except Exception as exc:  # a knob that breaks a pass is a finding, not a crash of the tuner
+            logger.debug("probe %s on %s failed", knob.label, knob.node, exc_info=True)
+            result = ProbeResult(knob, "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _probe(self, knob: Knob) -> ProbeResult:
+        model, records = run_pipeline(self.model, probe_pipeline(knob), self.feeds, knob.family.pass_name)
+        mine = [r for r in records if r.node == knob.node]
+        if not any(r.action == "rewritten" for r in mine):
+            reason = next((r.detail for r in mine if r.action == "refused"), "the pass did not rewrite it")
+            return ProbeResult(knob, "refused", reason)
+        saving = self.base_objective - self.objective(model)  # before the run cuts the model
+        drift = worst(output_drift(self.reference, self.runner.run(model)))
+        return ProbeResult(knob, "rewritten", "", damage_of(drift), drift, saving)
+
+
+def run_pipeline(model: ir.Model, text: str, feeds, pass_name: str | None = None):
+    """Run pipeline ``text`` on a copy of ``model`` with no instruments; the model and the
+    node records of the entry named ``pass_name``."""
+    out, report = PassManager(Pipeline.parse(text), (), feeds).run(model.clone())
+    records = [r for p in report.passes if p.name == pass_name for r in p.records] if pass_name else []
+    return out, records
+
+
+# ------------------------------------------------------------------------------- parallel probes
+
+_WORKER: Prober | None = None
+
+
+def _init_worker(model_bytes: bytes, feeds, objective: Objective, threads: int) -> None:
+    global _WORKER
+    from onnxcompress.modelio import load_model
+
+    _WORKER = Prober(load_model(model_bytes), feeds, objective, threads)
+
+
+def _work(knob: Knob) -> ProbeResult:
+    return _WORKER.probe(knob)
+
+
+def run_probes(
+    prober: Prober, knobs: list[Knob], jobs: int = 1, on_result: Callable[[ProbeResult], None] | None = None
+) -> list[ProbeResult]:
+    """Every knob's probe, in the order given; ``jobs`` worker processes when above 1."""
+    if jobs <= 1 or len(knobs) < 2:
+        results = []
+        for knob in knobs:
+            results.append(prober.probe(knob))
+            if on_result:
+                on_result(results[-1])
+        return results
+    from onnxcompress.modelio import model_bytes
+
+    threads = max(1, (os.cpu_count() or 2) // jobs)
+    context = multiprocessing.get_context("spawn")
+    args = (model_bytes(prober.model), prober.feeds, prober.objective, threads)
+    by_position: dict[int, ProbeResult] = {}
+    with context.Pool(jobs, initializer=_init_worker, initargs=args) as pool:
+        for i, result in pool.imap_unordered(_indexed, list(enumerate(knobs))):
+            by_position[i] = result
+            if on_result:
+                on_result(result)
+    return [by_position[i] for i in range(len(knobs))]
+
+
+def _indexed(item: tuple[int, Knob]) -> tuple[int, ProbeResult]:
+    return item[0], _work(item[1])
+
+
+def successful(results: Iterable[ProbeResult]) -> list[ProbeResult]:
+    return [r for r in results if r.status == "rewritten" and r.saving > 0 and np.isfinite(r.damage)]
