@@ -1,6 +1,9 @@
 """The command line: a thin layer over the Python API.
 
     onnxcompress optimize IN.onnx -o OUT.onnx -p PIPELINE | --preset NAME [debugging flags]
+    onnxcompress optimize IN.onnx -o OUT.onnx -p PIPELINE --calib DATA --drift-budget B --bisect auto
+        (prints the first pass and node rewrite over budget and the command reproducing it;
+        exits 0 when the search ran, whether or not the budget breaks; writes nothing)
     onnxcompress inspect MODEL.onnx [--json] [--storage]
     onnxcompress pack MODEL.onnx -o MODEL.onnxz
     onnxcompress unpack MODEL.onnxz -o MODEL.onnx
@@ -70,7 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--reference", help="measure drift against this model instead of the input")
     opt.add_argument("--report", help="JSON report path (default: OUTPUT with .report.json)")
     opt.add_argument("--print-after-change", metavar="DIR", help="write NNN_<pass>.onnx after each pass that changed the model")
-    opt.add_argument("--bisect-limit", type=int, metavar="N", help="run only the first N skippable passes")
+    bisect = opt.add_mutually_exclusive_group()
+    bisect.add_argument("--bisect-limit", type=int, metavar="N", help="run only the first N skippable passes")
+    bisect.add_argument("--bisect", choices=["auto"],
+                        help="auto: find the first pass, then its first node rewrite, over --drift-budget; print the "
+                             "pipeline that reproduces it; write no model; exit 0 whether or not the budget breaks")
     opt.add_argument("--reproducer-dir", metavar="DIR", help="where to write a reproducer if a pass fails (default: beside the output)")
     opt.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data")
     opt.add_argument("--no-verify", action="store_true", help="skip the onnx checker after each pass")
@@ -136,6 +143,8 @@ def _optimize(args) -> int:
     output = Path(args.output)
     if Path(args.input).resolve() == output.resolve():
         raise OnnxCompressError("the output must not be the input file: the input is never modified")
+    if args.bisect == "auto":
+        return _bisect_auto(args, pipeline)
     instruments = []
     bisect = None
     if args.bisect_limit is not None:
@@ -165,6 +174,38 @@ def _optimize(args) -> int:
     result.save(output, report=report_path, external_data=True if args.external_data else None)
     print(result.report.table())
     print(f"wrote {output} and {report_path}")
+    return 0
+
+
+def _bisect_auto(args, pipeline) -> int:
+    """``optimize --bisect auto``: print the first pass, then its first node rewrite, over the
+    drift budget, ending with the command that reproduces it. Finding it (or finding that
+    nothing breaks the budget) is the command's success: exit 0. No model, no report."""
+    from onnxcompress import calibration as calib
+    from onnxcompress.auto_bisect import bisect_to_node
+    from onnxcompress.errors import CalibrationError, DriftBudgetError
+    from onnxcompress.modelio import load_model
+
+    if not args.calib and not args.random_calib:
+        raise CalibrationError("--bisect auto needs calibration data: --calib FILE_OR_DIR or --random-calib N")
+    if args.calib and args.random_calib:
+        raise CalibrationError("give --calib or --random-calib, not both")
+    if not args.drift_budget:
+        raise DriftBudgetError("--bisect auto needs --drift-budget: the budget whose first break it looks for")
+    unused = [flag for flag, given in (("--report", args.report), ("--print-after-change", args.print_after_change),
+                                       ("--external-data", args.external_data), ("--localize-drift", args.localize_drift)) if given]
+    if unused:
+        raise OnnxCompressError(f"--bisect auto writes no model and no report: drop {', '.join(unused)}")
+    model = load_model(args.input)
+    if args.random_calib:
+        feeds, data = calib.random_feeds(model, args.random_calib), ["--random-calib", str(args.random_calib)]
+    else:
+        feeds = calib.load_calibration(args.calib, model, args.calib_limit)
+        data = ["--calib", args.calib] + (["--calib-limit", str(args.calib_limit)] if args.calib_limit else [])
+    if args.reference:
+        data += ["--reference", args.reference]
+    finding = bisect_to_node(model, pipeline, feeds, args.drift_budget, reference=args.reference, verify=not args.no_verify)
+    print(finding.describe(args.input, args.output, data))
     return 0
 
 
