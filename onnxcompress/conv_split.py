@@ -301,15 +301,17 @@ def prepared(model: ir.Model, prerequisites: Sequence[str]) -> ir.Model:
 class ConvSplitPass(CompressionPass):
     """Shared driver of the conv-splitting passes: plan each Conv, then replace it by a chain.
 
-    Subclasses give ``plan(node)`` (a plan with ``detail()``, or the refusal reason as a string),
-    ``chain(node, plan)`` (the new convs) and ``what`` (how the note names the rewrite).
+    Subclasses give ``plan(node, options)`` (a plan with ``detail()``, or the refusal reason as
+    a string), ``chain(node, plan)`` (the new convs) and ``what`` (how the note names the
+    rewrite). Each Conv is planned with its own options (a per-node override's, else the
+    pass's); a Conv an override leaves alone (``skip=true``) is refused with that reason.
     """
 
     what = ""
 
     @abc.abstractmethod
-    def plan(self, node: ir.Node):
-        """A plan with ``detail()`` for this Conv, or the reason to leave it alone."""
+    def plan(self, node: ir.Node, options):
+        """A plan with ``detail()`` for this Conv under ``options``, or the reason to leave it alone."""
 
     @abc.abstractmethod
     def chain(self, node: ir.Node, plan) -> list[NewConv]:
@@ -321,7 +323,8 @@ class ConvSplitPass(CompressionPass):
         for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
             if not is_conv(node):
                 continue
-            plan = self.plan(node)
+            options = self.node_options(node)
+            plan = self.skipped_by_plan(node) if options is None else self.plan(node, options)
             if isinstance(plan, str):
                 self.refused(node, plan)
                 continue
@@ -335,6 +338,6 @@ class ConvSplitPass(CompressionPass):
     def candidates(self, model: ir.Model) -> list[Candidate]:
         out = []
         for node in ir.traversal.RecursiveGraphIterator(prepared(model, self.prerequisites).graph):
-            if is_conv(node) and not isinstance(plan := self.plan(node), str):
+            if is_conv(node) and not isinstance(plan := self.plan(node, self.options), str):
                 out.append(Candidate(self.name, node_label(node), node.op_type, plan.detail()))
         return out

@@ -66,10 +66,17 @@ class LowRankConv(CompressionPass):
     Exact limit: at full rank ``A·B = W_mat`` to float rounding, so the pair computes the
     conv (tested on :func:`onnxcompress.factorize.low_rank_factors` and on a conv whose weight
     has true rank r, which is reproduced exactly at rank r).
+
+    Per node (``@PATTERN{...}``): ``rank``, ``ratio`` or ``energy`` (setting one resets the
+    other two to their defaults for those convs), or ``skip=true`` to leave them alone
+    (refused, naming the pattern). A weight shared by several convs follows the rule of its
+    first reader in graph order; a reader left alone keeps the weight, so all its readers are
+    refused.
     """
 
     name = "low-rank-conv"
     Options = LowRankConvOptions
+    per_node = ("rank", "ratio", "energy")
     prerequisites = ("lift-constants", "fold-batchnorm")
     lossless = False
 
@@ -85,7 +92,8 @@ class LowRankConv(CompressionPass):
         changed = 0
         for weight, nodes in groups.items():
             whitener = whiteners([_patch_key(node, weight) for node in nodes])
-            p = plan(_matrix(weight.const_value.numpy()), options.rule, whitener=whitener)
+            rule = self.node_options(nodes[0]).rule  # a shared weight follows its first reader
+            p = plan(_matrix(weight.const_value.numpy()), rule, whitener=whitener)
             if reason := shrink_reason(p, _k_text(weight.const_value.shape), "N"):
                 self._outcomes += [(node, "refused", reason) for node in nodes]
                 continue
@@ -141,6 +149,8 @@ class LowRankConv(CompressionPass):
     def _node_reason(self, node: ir.Node) -> str:
         if self.options.excluded(node):
             return f"excluded by exclude={self.options.exclude}"
+        if reason := self.skipped_by_plan(node):
+            return reason
         group = node.attributes.get_int("group", 1)
         weight = node.inputs[1]
         if group != 1:

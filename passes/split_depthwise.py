@@ -15,6 +15,8 @@ from onnxcompress.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class SplitDepthwiseOptions(PassOptions):
+    exclusive = (("multiplier", "energy"),)
+
     multiplier: int = option(
         0, "depthwise filters per input channel (m); 0 chooses the fewest that keep `energy`"
     )
@@ -209,17 +211,22 @@ class SplitDepthwise(cs.ConvSplitPass):
     N·C·k², so the exact m = min(N, k²) never pays) or MACs as the original; 1×1 kernels (already
     pointwise); depthwise and grouped Convs; non-constant or shared weights; names matching
     ``exclude``; weights smaller than ``min_params``.
+
+    Per node (``@PATTERN{...}``): ``multiplier`` or ``energy`` (setting one resets the other to
+    its default for those Convs: ``multiplier`` 0 chooses by energy), or ``skip=true`` to leave
+    them alone (refused, naming the pattern).
     """
 
     name = "split-depthwise"
     Options = SplitDepthwiseOptions
+    per_node = ("multiplier", "energy")
     prerequisites = ("lift-constants", "fold-batchnorm", "infer-shapes")
     lossless = False
 
     what = "depthwise + pointwise"
 
-    def plan(self, node: ir.Node):
-        return _plan(node, self.options)
+    def plan(self, node: ir.Node, options: SplitDepthwiseOptions):
+        return _plan(node, options)
 
     def chain(self, node: ir.Node, plan) -> list[cs.NewConv]:
         return _chain(node, plan.geom, plan.weight, plan.multiplier)

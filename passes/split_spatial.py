@@ -15,6 +15,8 @@ from onnxcompress.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class SplitSpatialOptions(PassOptions):
+    exclusive = (("rank", "energy"),)
+
     rank: int = option(0, "filters D of the k_h×1 conv; 0 chooses the fewest that keep `energy`")
     energy: float = option(
         0.99, "share of the squared singular values of the reshaped weight to keep, in (0, 1]; "
@@ -228,17 +230,22 @@ class SplitSpatial(cs.ConvSplitPass):
     width is unknown) as the original; 1×k and k×1 kernels; grouped and depthwise Convs; 1-D and
     3-D Convs; non-constant or shared weights; ``auto_pad=SAME_*`` with an unknown input size;
     names matching ``exclude``; weights smaller than ``min_params``.
+
+    Per node (``@PATTERN{...}``): ``rank`` or ``energy`` (setting one resets the other to its
+    default for those Convs: ``rank`` 0 chooses by energy), or ``skip=true`` to leave them
+    alone (refused, naming the pattern).
     """
 
     name = "split-spatial"
     Options = SplitSpatialOptions
+    per_node = ("rank", "energy")
     prerequisites = ("lift-constants", "fold-batchnorm", "infer-shapes")
     lossless = False
 
     what = "k×1 + 1×k"
 
-    def plan(self, node: ir.Node):
-        return _plan(node, self.options)
+    def plan(self, node: ir.Node, options: SplitSpatialOptions):
+        return _plan(node, options)
 
     def chain(self, node: ir.Node, plan) -> list[cs.NewConv]:
         return _chain(node, plan.geom, plan.weight, plan.rank)
