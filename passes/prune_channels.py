@@ -65,15 +65,24 @@ class PruneChannels(CompressionPass):
     are refitted by least squares (He et al. 2017) so its output on the calibration data
     matches the original's; the fit is pulled towards the pruned weights with a strength
     chosen on held-out calibration feeds, and a layer keeps its weights when no refit helps.
+
+    Per node (``@PATTERN{...}``): ``ratio``, ``min_channels`` and ``round_to`` of a channel
+    group, or ``skip=true``. A group is matched by its sources, the Conv/Gemm/MatMul nodes
+    whose weights lose output channels: the first source in graph order that an override
+    matches decides the group's options, and ``skip=true`` on any source leaves the whole
+    group alone (each source refused, naming the pattern). With ``scope=global`` a group an
+    override matched leaves the global ranking and is pruned on its own at its own ratio (a
+    skipped group leaves it too); the global ratio applies to the channels of the other groups.
     """
 
     name = "prune-channels"
     Options = PruneChannelsOptions
+    per_node = ("ratio", "min_channels", "round_to")
     prerequisites = ("lift-constants", "fold-batchnorm", "infer-shapes")
     lossless = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.options.ratio == 0.0:
+        if not self._prunes_anywhere():
             return ir.passes.PassResult(model, modified=False)
         needs_data = self.options.importance in ("apoz", "lasso") or self.options.reconstruct
         if needs_data and not self.context.calibration:
@@ -83,10 +92,11 @@ class PruneChannels(CompressionPass):
             )
         groups = channel_groups(model)  # computed here, not cached: _exclude marks it up
         self._exclude(groups)
+        plans = [self._group_plan(groups, units) for units in groups.groups]
         original = model.clone() if self.options.reconstruct else None
         importance = importance_of_units(model, groups, self.options.importance, self.context.calibration)
-        removed = self._select(groups, importance)
-        self._record(groups, removed)
+        removed = self._select(groups, importance, plans)
+        self._record(groups, removed, plans)
         if not removed:
             return ir.passes.PassResult(model, modified=False)
         apply_pruning(model, groups, removed)
@@ -119,6 +129,21 @@ class PruneChannels(CompressionPass):
                                      f"{free} of {len(units)} channels prunable{coupled}"))
         return out
 
+    def _prunes_anywhere(self) -> bool:
+        """False when the ratio is 0 for the pass and for every per-node override."""
+        ratios = [self.options.ratio] + [o.options.ratio for o in self.overrides if not o.skip]
+        return any(ratios)
+
+    def _group_plan(self, groups: ChannelGroups, units: list[int]) -> _GroupPlan:
+        """The group's options: skipped when an override skips any of its sources, else those
+        of the first source (graph order) that an override matches, else the pass's."""
+        sources = groups.sources_of_group(units)
+        for source in sources:
+            if reason := self.skipped_by_plan(source.node):
+                return _GroupPlan(None, reason, own=True)
+        chosen = next((o for s in sources if (o := self.override_for(s.node)) is not None), None)
+        return _GroupPlan(self.options if chosen is None else chosen.options, "", own=chosen is not None)
+
     def _exclude(self, groups: ChannelGroups) -> None:
         if not self.options.exclude:
             return
@@ -128,29 +153,36 @@ class PruneChannels(CompressionPass):
                 for atom in source.atoms:
                     groups.blocked.setdefault(groups.unit(atom), f"excluded by exclude={self.options.exclude}")
 
-    def _select(self, groups: ChannelGroups, importance: dict[int, float]) -> set[int]:
-        budgets = {i: self._removable_count(groups, units) for i, units in enumerate(groups.groups)}
-        if self.options.scope == "layer":
-            removed = set()
-            for i, units in enumerate(groups.groups):
-                candidates = sorted((u for u in units if u not in groups.blocked), key=lambda u: importance[u])
-                removed.update(candidates[: budgets[i]])
-            return removed
-        return self._select_global(groups, importance, budgets)
+    def _select(self, groups: ChannelGroups, importance: dict[int, float], plans: list[_GroupPlan]) -> set[int]:
+        """Per group (``scope=layer``, and the groups an override matched): its least important
+        free channels, as many as its options allow; the other groups under ``scope=global``
+        share one ranking."""
+        ranked_globally = self.options.scope == "global"
+        removed = set()
+        for i, units in enumerate(groups.groups):
+            plan = plans[i]
+            if plan.options is None or (ranked_globally and not plan.own):
+                continue
+            candidates = sorted((u for u in units if u not in groups.blocked), key=lambda u: importance[u])
+            removed.update(candidates[: self._removable_count(groups, units, plan.options)])
+        if ranked_globally:
+            removed |= self._select_global(groups, importance, [not p.own for p in plans])
+        return removed
 
-    def _select_global(self, groups, importance, budgets) -> set[int]:
+    def _select_global(self, groups, importance, ranked: list[bool]) -> set[int]:
         scored = []
         total = 0
         for i, units in enumerate(groups.groups):
             free = [u for u in units if u not in groups.blocked]
-            if not free:
+            if not free or not ranked[i]:
                 continue
             total += len(units)
             mean = float(np.mean([importance[u] for u in units])) or 1.0
             scored += [(importance[u] / mean, u, i) for u in free]
         target = int(math.floor(self.options.ratio * total))
-        removed, taken = set(), {i: 0 for i in budgets}
-        limits = {i: self._removable_count(groups, units, ratio=0.95) for i, units in enumerate(groups.groups)}
+        removed, taken = set(), {i: 0 for i in range(len(groups.groups))}
+        limits = {i: self._removable_count(groups, units, self.options, ratio=0.95)
+                  for i, units in enumerate(groups.groups)}
         for _, unit, i in sorted(scored):
             if len(removed) >= target:
                 break
@@ -159,29 +191,45 @@ class PruneChannels(CompressionPass):
                 taken[i] += 1
         return removed
 
-    def _removable_count(self, groups: ChannelGroups, units: list[int], ratio: float | None = None) -> int:
-        ratio = self.options.ratio if ratio is None else ratio
+    @staticmethod
+    def _removable_count(groups: ChannelGroups, units: list[int], options: PruneChannelsOptions,
+                         ratio: float | None = None) -> int:
+        ratio = options.ratio if ratio is None else ratio
         total = len(units)
         free = sum(u not in groups.blocked for u in units)
-        keep = max(total - int(math.floor(ratio * total)), self.options.min_channels)
-        round_to = self.options.round_to
+        keep = max(total - int(math.floor(ratio * total)), options.min_channels)
+        round_to = options.round_to
         keep = min(total, int(math.ceil(keep / round_to) * round_to))
         return max(0, min(free, total - keep))
 
-    def _record(self, groups: ChannelGroups, removed: set[int]) -> None:
+    def _record(self, groups: ChannelGroups, removed: set[int], plans: list[_GroupPlan]) -> None:
         for node, reason in groups.refusals:
             self.refused(node, reason)
-        for units in groups.groups:
+        for units, plan in zip(groups.groups, plans):
             sources = groups.sources_of_group(units)
             gone = sum(u in removed for u in units)
             blocked = {groups.blocked[u] for u in units if u in groups.blocked}
             for source in sources:
-                if gone:
+                if plan.skip_reason:
+                    self.refused(source.node, plan.skip_reason)
+                elif gone:
                     self.rewrote(source.node, f"removed {gone} of {len(units)} channels")
                 elif blocked:
                     self.refused(source.node, sorted(blocked)[0])
+                elif plan.options.ratio == 0.0:
+                    self.refused(source.node, "ratio 0 for this group: every channel kept")
                 else:
                     self.refused(source.node, "no channel selected at this ratio (min_channels / round_to)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupPlan:
+    """How one channel group is pruned: its options (None: left alone, ``skip_reason`` says
+    why), and whether a per-node override chose them (``own``: outside a global ranking)."""
+
+    options: PruneChannelsOptions | None
+    skip_reason: str
+    own: bool
 
 
 def apply_pruning(model: ir.Model, groups: ChannelGroups, removed: set[int]) -> None:

@@ -24,6 +24,10 @@ FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.
 
 @dataclasses.dataclass(frozen=True)
 class PruneMagnitudeOptions(PassOptions):
+    # A per-node sparsity or pattern replaces the other; a per-node pattern also prunes those
+    # weights on their own (scope=layer), as N:M groups are always pruned alone.
+    exclusive = (("sparsity", "pattern"), ("pattern", "scope"))
+
     sparsity: float = option(
         0.5, "share of each weight's elements (scope=global: of all eligible weights) that end up zero, "
         "in [0, 1); the count is rounded down"
@@ -82,6 +86,8 @@ class Weight:
     value: ir.Value
     nodes: list[ir.Node]
     axis: int  # reduction axis (N:M groups run along it)
+    options: PruneMagnitudeOptions | None = None  # those of its first reader
+    own: bool = False  # a per-node override chose them: pruned alone, outside a global threshold
 
     @property
     def array(self) -> np.ndarray:
@@ -115,15 +121,23 @@ class PruneMagnitude(CompressionPass):
     writes the marked initializers as ``Constant(sparse_value)`` nodes, which onnxruntime
     densifies when it loads the model (same outputs, bit for bit), and loading turns them
     back into marked dense initializers.
+
+    Per node (``@PATTERN{...}``): ``sparsity`` or ``pattern`` (setting one resets the other),
+    or ``skip=true`` to leave the node's weight alone (refused, naming the pattern). A weight
+    read by several nodes follows its first reader in graph order and is left alone when any
+    reader is skipped. With ``scope=global`` a weight an override matched leaves the global
+    threshold and is pruned on its own at its own sparsity (or pattern); the global sparsity
+    applies to the elements of the other weights.
     """
 
     name = "prune-magnitude"
     Options = PruneMagnitudeOptions
+    per_node = ("sparsity", "pattern")
     prerequisites = ("lift-constants", "fold-batchnorm")
     lossless = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.options.target == 0.0:
+        if not self._prunes_anywhere():
             return ir.passes.PassResult(model, modified=False)
         weights = self._eligible(model, record=True)
         masks = self._masks(weights)
@@ -146,6 +160,10 @@ class PruneMagnitude(CompressionPass):
             found.append(Candidate(self.name, node_label(node), node.op_type, what))
         return found
 
+    def _prunes_anywhere(self) -> bool:
+        """False when the target is 0 for the pass and for every per-node override."""
+        return any([self.options.target] + [o.options.target for o in self.overrides if not o.skip])
+
     # ------------------------------------------------------------------ selection
 
     def _eligible(self, model: ir.Model, record: bool) -> list[Weight]:
@@ -164,6 +182,8 @@ class PruneMagnitude(CompressionPass):
                 continue
             if reason is None and exclude is not None and exclude.search(node.name or ""):
                 reason = f"excluded by exclude={self.options.exclude}"
+            if reason is None:
+                reason = self.skipped_by_plan(node) or None
             axis = _reduction_axis(node, value.const_value.shape.rank())
             weight = weights.setdefault(id(value), Weight(value, [], axis))
             weight.nodes.append(node)
@@ -171,6 +191,9 @@ class PruneMagnitude(CompressionPass):
                 reasons.setdefault(id(value), reason)
         eligible = []
         for key, weight in weights.items():
+            override = self.override_for(weight.nodes[0])
+            weight.own = override is not None
+            weight.options = override.options if weight.own and not override.skip else self.options
             reason = reasons.get(key) or self._size_refusal(weight)
             if reason is None:
                 eligible.append(weight)
@@ -185,30 +208,34 @@ class PruneMagnitude(CompressionPass):
         size = math.prod(shape.numpy())
         if size < self.options.min_elements:
             return f"only {size} elements (< min_elements={self.options.min_elements})"
-        if not self.options.nm:
+        options = weight.options
+        if not options.nm:
             return None
-        m = self.options.nm[1]
+        m = options.nm[1]
         axes = {_reduction_axis(node, shape.rank()) for node in weight.nodes}
         if len(axes) > 1:
             return (f"weight '{weight.value.name}' is shared by nodes that reduce over different axes; "
-                    f"no {self.options.pattern} layout fits all")
+                    f"no {options.pattern} layout fits all")
         if shape[weight.axis] % m:
             return (f"reduction axis {weight.axis} has length {shape[weight.axis]}, "
-                    f"not a multiple of {m} (pattern={self.options.pattern})")
+                    f"not a multiple of {m} (pattern={options.pattern})")
         return None
 
     # ------------------------------------------------------------------ masks
 
     def _masks(self, weights: list[Weight]) -> list[np.ndarray]:
-        """For each weight, a boolean array: True where the element is set to zero."""
-        if not weights:
-            return []
-        if self.options.nm:
-            n, m = self.options.nm
-            return [nm_mask(_magnitude(w.array), w.axis, n, m) for w in weights]
-        if self.options.scope == "global":
-            return global_masks([_magnitude(w.array) for w in weights], self.options.sparsity)
-        return [layer_mask(_magnitude(w.array), self.options.sparsity) for w in weights]
+        """For each weight, a boolean array: True where the element is set to zero. Under
+        ``scope=global`` the weights no override chose share one threshold."""
+        shared = [i for i, w in enumerate(weights) if self.options.scope == "global" and not w.own]
+        masks: list[np.ndarray | None] = [None] * len(weights)
+        if shared:
+            together = global_masks([_magnitude(weights[i].array) for i in shared], self.options.sparsity)
+            for i, mask in zip(shared, together):
+                masks[i] = mask
+        for i, w in enumerate(weights):
+            if masks[i] is None:
+                masks[i] = _own_mask(w)
+        return masks
 
     # ------------------------------------------------------------------ rewriting
 
@@ -223,7 +250,9 @@ class PruneMagnitude(CompressionPass):
         mark, stored, storage_text = _storage(array, after, sparse_storage, was_marked)
         totals.add(array.size, before, after, array.nbytes, stored)
         if not changed and mark == was_marked:
-            reason = (f"already satisfies the {self.options.pattern} pattern" if self.options.nm
+            options = weight.options
+            reason = (f"already satisfies the {options.pattern} pattern" if options.nm
+                      else "sparsity 0 for this weight: left as it is" if options.target == 0.0
                       else f"already {before / array.size:.1%} zero, at or above the target")
             for node in weight.nodes:
                 self.refused(node, reason)
@@ -237,8 +266,8 @@ class PruneMagnitude(CompressionPass):
 
     def _detail(self, weight: Weight, before: int, after: int, size: int) -> str:
         text = f"sparsity {before / size:.1%} -> {after / size:.1%} ({after} of {size} zero"
-        if self.options.nm:
-            text += f", {self.options.pattern} along axis {weight.axis}"
+        if weight.options.nm:
+            text += f", {weight.options.pattern} along axis {weight.axis}"
         text += ")"
         if len(weight.nodes) > 1:
             text += f"; weight '{weight.value.name}' shared by {len(weight.nodes)} nodes, pruned once"
@@ -303,6 +332,14 @@ def _reduction_axis(node: ir.Node, rank: int) -> int:
         attr = node.attributes.get("transB")
         return 1 if attr is not None and attr.as_int() else 0
     return rank - 2 if rank >= 2 else 0  # MatMul: [..., K, N]
+
+
+def _own_mask(weight: Weight) -> np.ndarray:
+    """The weight pruned alone: its N:M pattern, else its own sparsity."""
+    nm = weight.options.nm
+    if nm:
+        return nm_mask(_magnitude(weight.array), weight.axis, *nm)
+    return layer_mask(_magnitude(weight.array), weight.options.sparsity)
 
 
 def _magnitude(array: np.ndarray) -> np.ndarray:
