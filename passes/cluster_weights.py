@@ -58,6 +58,7 @@ class SharedWeight:
 
     value: ir.Value
     nodes: list[ir.Node]
+    options: ClusterWeightsOptions | None = None  # those of its first reader
 
     @property
     def array(self) -> np.ndarray:
@@ -103,10 +104,16 @@ class ClusterWeights(CompressionPass):
     that are not float initializers, are graph inputs or outputs, are also read as another
     input than the weight, are smaller than ``min_elements``, hold NaN or infinite values,
     or whose nodes match ``exclude``. Nodes inside If/Loop/Scan bodies are not visited.
+
+    Per node (``@PATTERN{...}``): ``clusters``, ``init`` and ``granularity`` of the node's
+    weight, or ``skip=true`` to leave it alone (refused, naming the pattern). A weight read by
+    several nodes is one tensor: it follows its first reader in graph order, and is left alone
+    when any reader is skipped.
     """
 
     name = "cluster-weights"
     Options = ClusterWeightsOptions
+    per_node = ("clusters", "init", "granularity")
     prerequisites = ("lift-constants", "fold-batchnorm")
     lossless = False
 
@@ -114,14 +121,14 @@ class ClusterWeights(CompressionPass):
         if self.left_alone_as_quantized(model):
             return ir.passes.PassResult(model, modified=False)
         names = Names(model)
-        changed = elements = 0
+        changed = elements = most = 0
         for weight in self._eligible(model, record=True):
             array = weight.array
             clustered = self._cluster(weight)
             rebuilt = clustered.rebuild()
             if self.options.form == "dense" and np.array_equal(rebuilt, array):
                 self._refuse_all(weight, f"already takes {len(clustered.codebook)} distinct values "
-                                         f"(<= clusters={self.options.clusters})")
+                                         f"(<= clusters={weight.options.clusters})")
                 continue
             if self.options.form == "dense":
                 metadata = {**weight.value.const_value.metadata_props, **codebook_metadata(clustered)}
@@ -133,26 +140,30 @@ class ClusterWeights(CompressionPass):
                 self.rewrote(node, detail)
             changed += 1
             elements += array.size
+            most = max(most, weight.options.clusters)
         if changed:
             self.note(f"clustered {changed} weight tensors ({elements:,} weights) into at most "
-                      f"{self.options.clusters} shared values each, form={self.options.form}")
+                      f"{most} shared values each, form={self.options.form}")
         return ir.passes.PassResult(model, modified=bool(changed))
 
     def candidates(self, model: ir.Model) -> list[Candidate]:
         if quantized_reason(model):
             return []
-        bits = int(np.ceil(np.log2(self.options.clusters)))
-        return [Candidate(self.name, node_label(w.nodes[0]), w.nodes[0].op_type,
-                          f"weight '{w.value.name}' {list(w.array.shape)}: {self.options.clusters} shared values, "
-                          f"{bits} bits per weight instead of {8 * w.array.itemsize}")
-                for w in self._eligible(model, record=False)]
+        out = []
+        for w in self._eligible(model, record=False):
+            bits = int(np.ceil(np.log2(w.options.clusters)))
+            out.append(Candidate(self.name, node_label(w.nodes[0]), w.nodes[0].op_type,
+                                 f"weight '{w.value.name}' {list(w.array.shape)}: {w.options.clusters} shared values, "
+                                 f"{bits} bits per weight instead of {8 * w.array.itemsize}"))
+        return out
 
     def _cluster(self, weight: SharedWeight) -> Clustered:
-        init: Init = self.options.init  # type: ignore[assignment]
-        if self.options.granularity == "channel":
+        options = weight.options
+        init: Init = options.init  # type: ignore[assignment]
+        if options.granularity == "channel":
             axis = _channel_axis(weight.nodes[0], weight.array.ndim)
-            return cluster_channels(weight.array, axis, self.options.clusters, init, self.options.seed)
-        return cluster_values(weight.array, self.options.clusters, init, self.options.seed)
+            return cluster_channels(weight.array, axis, options.clusters, init, self.options.seed)
+        return cluster_values(weight.array, options.clusters, init, self.options.seed)
 
     # ------------------------------------------------------------------ selection
 
@@ -177,10 +188,13 @@ class ClusterWeights(CompressionPass):
             reason = _static_refusal(value)
             if reason is None and exclude is not None and exclude.search(node.name or ""):
                 reason = f"excluded by exclude={self.options.exclude}"
+            if reason is None:
+                reason = self.skipped_by_plan(node) or None
             if reason is not None:
                 reasons.setdefault(id(value), reason)
         eligible = []
         for key, weight in weights.items():
+            weight.options = self.node_options(weight.nodes[0]) or self.options
             size = weight.value.const_value.size
             reason = reasons.get(key)
             if reason is None and size < self.options.min_elements:
