@@ -197,9 +197,14 @@ def tensors_to_calibrate(node: ir.Node) -> list[str]:
 
 
 class Builder:
-    """Rewrites one model for a set of enabled units (node indices in graph order)."""
+    """Rewrites one model for a set of enabled units (node indices in graph order).
 
-    def __init__(self, model: ir.Model, params: dict[str, Params], activations: QType, per_channel: bool = True,
+    ``per_channel(node)`` and ``weights(node)`` give each unit's weight grid: one scale per
+    output channel or per tensor, and the weight type with its zero point.
+    """
+
+    def __init__(self, model: ir.Model, params: dict[str, Params], activations: QType,
+                 per_channel: Callable[[ir.Node], bool] = lambda node: True,
                  weights: Callable[[ir.Node], tuple[QType, int]] = lambda node: (INT8_NARROW, 0)):
         self.model = model
         self.weight_grid = weights
@@ -315,7 +320,7 @@ class Builder:
     def _quantize_weight(self, node: ir.Node, input_params: Params) -> str:
         weight = node.inputs[1]
         w = weight.const_value.numpy()
-        axis = weight_axis(node, w, self.per_channel)
+        axis = weight_axis(node, w, self.per_channel(node))
         bias = node.inputs[2] if node.op_type in ("Conv", "ConvTranspose") and len(node.inputs) > 2 else None
         wtype, wzero = self.weight_grid(node)
         scale = symmetric_scales(w, axis, wtype, wzero)

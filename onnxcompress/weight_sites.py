@@ -64,6 +64,12 @@ class WeightSite:
 
 
 Refuse = Callable[[ir.Node, str], None]
+# The refusal text of a node a per-node plan leaves alone, '' for the others.
+Skipped = Callable[[ir.Node], str]
+
+
+def _nothing_skipped(node: ir.Node) -> str:
+    return ""
 
 
 class Outcomes:
@@ -86,15 +92,16 @@ class Outcomes:
             (pass_.rewrote if rewritten else pass_.refused)(node, detail)
 
 
-def weight_sites(model: ir.Model, options: PassOptions, refuse: Refuse) -> dict[ir.Value, list[WeightSite]]:
+def weight_sites(model: ir.Model, options: PassOptions, refuse: Refuse,
+                 skipped: Skipped = _nothing_skipped) -> dict[ir.Value, list[WeightSite]]:
     """Eligible MatMul/Gemm nodes of the main graph grouped by weight; ``refuse(node, reason)``
     hears about every other MatMul/Gemm (including every reader of a weight that some node
-    reads in a way the rewrite cannot follow)."""
+    reads in a way the rewrite cannot follow, or that ``skipped`` leaves alone)."""
     groups: dict[ir.Value, list[WeightSite]] = {}
     for node in model.graph:
         if not _is_gemm(node):
             continue
-        site = _site(node, options)
+        site = _site(node, options, skipped)
         if isinstance(site, str):
             refuse(node, site)
         else:
@@ -114,9 +121,11 @@ def _is_gemm(node: ir.Node) -> bool:
     return node.op_type in ("MatMul", "Gemm") and node.domain == "" and len(node.inputs) >= 2
 
 
-def _site(node: ir.Node, options: PassOptions) -> WeightSite | str:
+def _site(node: ir.Node, options: PassOptions, skipped: Skipped) -> WeightSite | str:
     if excluded(options, node):
         return f"excluded by exclude={options.exclude}"
+    if reason := skipped(node):
+        return reason
     is_gemm = node.op_type == "Gemm"
     if is_gemm and node.attributes.get_int("transA", 0):
         return "Gemm with transA=1 (its input is transposed) is not handled"

@@ -122,10 +122,17 @@ class QuantizeDynamic(CompressionPass):
     matching ``exclude``; a rewrite that would not shrink. Tables: not float32 or not 2-D,
     a Gather axis other than 0, constant indices (constant folding's job), a table read by
     another kind of node. Nodes inside If/Loop/Scan bodies are not visited.
+
+    Per node (``@PATTERN{...}``): ``per_channel`` and ``storage`` of a MatMul/Gemm weight, or
+    ``skip=true`` to leave a MatMul, Gemm or Gather alone (refused, naming the pattern). A
+    weight read by several nodes is quantized once, with the options of its first reader in
+    graph order; a reader left alone keeps the float weight, so all its readers are refused
+    (tables likewise).
     """
 
     name = "quantize-dynamic"
     Options = QuantizeDynamicOptions
+    per_node = ("per_channel", "storage")
     prerequisites = ("lift-constants",)
     lossless = False
 
@@ -135,12 +142,13 @@ class QuantizeDynamic(CompressionPass):
         names = Names(model)
         outcomes = Outcomes(model)
         matmuls = tables = 0
-        for weight, sites in weight_sites(model, self.options, outcomes.refuse).items():
-            before, after = self._sizes(sites[0])
+        for weight, sites in weight_sites(model, self.options, outcomes.refuse, self.skipped_by_plan).items():
+            options = self.node_options(sites[0].node)  # a shared weight follows its first reader
+            before, after = _sizes(sites[0], options)
             if reason := shrink_reason(f"the {sites[0].shape[0]}×{sites[0].shape[1]} weight", before, after):
                 outcomes.add([site.node for site in sites], False, reason)
                 continue
-            detail = self._rewrite_weight(model, weight, sites, names)
+            detail = self._rewrite_weight(model, weight, sites, names, options)
             bias = {site.node: site.bias_text() for site in sites}
             outcomes.add(bias, True, lambda node: detail + bias[node])
             matmuls += len(sites)
@@ -165,8 +173,8 @@ class QuantizeDynamic(CompressionPass):
             return []
         ignore = lambda node, reason: None  # noqa: E731
         out = []
-        for sites in weight_sites(model, self.options, ignore).values():
-            before, after = self._sizes(sites[0])
+        for sites in weight_sites(model, self.options, ignore, self.skipped_by_plan).values():
+            before, after = _sizes(sites[0], self.node_options(sites[0].node))
             if after < before:
                 k, n = sites[0].shape
                 what = f"int8 weight {k}×{n}: {size_text(before, after, k * n)}"
@@ -182,14 +190,8 @@ class QuantizeDynamic(CompressionPass):
 
     # ------------------------------------------------------------------------ weights
 
-    def _sizes(self, site: WeightSite) -> tuple[int, int]:
-        k, n = site.shape
-        columns = n if self.options.per_channel else 1
-        zero_points = columns if self.options.storage == "uint8" else 0
-        return FLOAT_BYTES * k * n, k * n + FLOAT_BYTES * columns + zero_points
-
-    def _rewrite_weight(self, model: ir.Model, weight: ir.Value, sites: list[WeightSite], names: Names) -> str:
-        options = self.options
+    def _rewrite_weight(self, model: ir.Model, weight: ir.Value, sites: list[WeightSite], names: Names,
+                        options: QuantizeDynamicOptions) -> str:
         w = sites[0].matrix()
         k, n = w.shape
         q, scale = quantize_weight(w, 1 if options.per_channel else None, INT8_NARROW)
@@ -210,7 +212,7 @@ class QuantizeDynamic(CompressionPass):
             new = ir.node("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, name=site.node.name or None)
             replace_with(site, new)
         drop_if_unused(weight)
-        before, after = self._sizes(sites[0])
+        before, after = _sizes(sites[0], options)
         grid = f"per-column ({n} scales)" if options.per_channel else "per-tensor (1 scale)"
         shared = f"; shared by {len(sites)} nodes" if len(sites) > 1 else ""
         return f"int8 {grid}, stored as {options.storage}, weight {k}×{n}: {size_text(before, after, k * n)}{shared}"
@@ -248,6 +250,8 @@ class QuantizeDynamic(CompressionPass):
         tensor = table.const_value
         if excluded(self.options, node):
             return f"excluded by exclude={self.options.exclude}"
+        if reason := self.skipped_by_plan(node):
+            return reason
         if tensor.dtype != FLOAT:
             return f"table '{table.name}' is {tensor.dtype.name}; only FLOAT (float32) tables are quantized"
         if len(tensor.shape) != 2:
@@ -290,3 +294,11 @@ class QuantizeDynamic(CompressionPass):
         shared = f"; shared by {len(gathers)} Gathers" if len(gathers) > 1 else ""
         return (f"uint8 per-row (scale and zero point per row), table {rows}×{cols}: "
                 f"{size_text(before, after, rows * cols)}{shared}")
+
+
+def _sizes(site: WeightSite, options: QuantizeDynamicOptions) -> tuple[int, int]:
+    """Bytes of the site's weight as float32 and as int8 codes with their scales (and zero points)."""
+    k, n = site.shape
+    columns = n if options.per_channel else 1
+    zero_points = columns if options.storage == "uint8" else 0
+    return FLOAT_BYTES * k * n, k * n + FLOAT_BYTES * columns + zero_points

@@ -116,10 +116,15 @@ class QuantizeQdq(CompressionPass):
     Exact limit: float values already on the chosen grids (weights on their int8 per-channel
     grid, activations on their uint8 grid, biases on the int32 grid) come out unchanged, up
     to float rounding in onnxruntime's integer kernels.
+
+    Per node (``@PATTERN{...}``): ``per_channel`` and ``weights`` (the weight grid of that
+    unit), or ``skip=true`` to keep the node in float exactly as ``exclude`` does (refused,
+    naming the pattern). Activation ranges, calibration and the fallback stay whole-model.
     """
 
     name = "quantize-qdq"
     Options = QuantizeQdqOptions
+    per_node = ("per_channel", "weights")
     prerequisites = ("lift-constants", "fold-batchnorm")
     lossless = False
 
@@ -138,9 +143,10 @@ class QuantizeQdq(CompressionPass):
         if not candidates:
             self.note("nothing to quantize")
             return ir.passes.PassResult(model, modified=modified)
+        # Units whose weight grid a per-node override chose (skipped nodes are no candidates).
+        self._own = {n: o.options for n in candidates if (o := self.override_for(n)) is not None}
         if any(n.op_type == "Gemm" for n in candidates):
-            names = Names(model)
-            candidates = [m for n in candidates for m in (_gemm_as_matmul(model, n, names) if n.op_type == "Gemm" else [n])]
+            candidates = self._gemms_as_matmuls(model, candidates)
             modified = True
         params = self._calibrate(model, candidates, feeds)
         items = self._calibrated(candidates, params)
@@ -153,7 +159,7 @@ class QuantizeQdq(CompressionPass):
         if budget is not None and enabled:
             enabled, fallback, kernels = self._fall_back(model, enabled, params, index, budget, feeds)
         tables = {n for n in enabled if _is_table(n)}
-        done = _build(model, enabled, params, self.options, index, in_place=True)
+        done = _build(model, enabled, params, self.options, index, in_place=True, own=self._own)
         self._report(enabled, tables, fallback, kernels, done)
         return ir.passes.PassResult(model, modified=modified or bool(enabled))
 
@@ -181,6 +187,8 @@ class QuantizeQdq(CompressionPass):
                 self.refused(node, f"op type {node.op_type} excluded by exclude_ops")
             elif pattern is not None and node.name and pattern.search(node.name):
                 self.refused(node, f"excluded by exclude={self.options.exclude}")
+            elif reason := self.skipped_by_plan(node):
+                self.refused(node, reason)
             elif _is_table(node):
                 if self.options.tables:
                     chosen.append(node)
@@ -191,6 +199,21 @@ class QuantizeQdq(CompressionPass):
             else:
                 chosen.append(node)
         return chosen
+
+    def _gemms_as_matmuls(self, model: ir.Model, candidates: list[ir.Node]) -> list[ir.Node]:
+        """The candidates with each Gemm rewritten as MatMul + Add (which keep its per-node options)."""
+        names = Names(model)
+        out = []
+        for node in candidates:
+            if node.op_type != "Gemm":
+                out.append(node)
+                continue
+            replacements = _gemm_as_matmul(model, node, names)
+            if node in self._own:
+                options = self._own.pop(node)
+                self._own.update((m, options) for m in replacements)
+            out += replacements
+        return out
 
     def _calibrated(self, candidates: list[ir.Node], params: dict[str, Params]) -> list[ir.Node]:
         """The candidates whose tensors are all float32 and calibrated; arithmetic on other
@@ -241,7 +264,7 @@ class QuantizeQdq(CompressionPass):
         enabled = list(items)
         kernels: dict[str, tuple[str, str]] = {}
         for _ in range(rounds):
-            candidate = _build(model, enabled, params, self.options, index)
+            candidate = _build(model, enabled, params, self.options, index, own=self._own)
             kernels = executed_kernels(candidate.model)
             floats = [n for n in enabled if not _is_table(n) and int8_kernel(kernels, candidate.names[n]) is None]
             if not floats:
@@ -258,7 +281,7 @@ class QuantizeQdq(CompressionPass):
         reference = run_all(make_session(model), probe_feeds)
 
         def drift(nodes) -> tuple:
-            built = _build(model, nodes, params, self.options, index)
+            built = _build(model, nodes, params, self.options, index, own=self._own)
             return worst(output_drift(reference, run_all(make_session(built.model), probe_feeds))), built
 
         alone = {node: drift([node])[0] for node in enabled}
@@ -410,13 +433,17 @@ class _Built:
     names: dict[ir.Node, str]  # original node → its name in the built model
 
 
-def _build(model: ir.Model, enabled: list[ir.Node], params, options: QuantizeQdqOptions, index, in_place: bool = False):
-    """The model with ``enabled`` quantized: rewritten in place, or a clone (``in_place=False``)."""
+def _build(model: ir.Model, enabled: list[ir.Node], params, options: QuantizeQdqOptions, index,
+           in_place: bool = False, own: dict[ir.Node, QuantizeQdqOptions] | None = None):
+    """The model with ``enabled`` quantized: rewritten in place, or a clone (``in_place=False``).
+    ``own`` holds the options of the units a per-node override chose; the others take ``options``."""
     target = model if in_place else model.clone()
     nodes = list(target.graph) if not in_place else None
     mapped = {node: (node if in_place else nodes[index[node]]) for node in enabled}
-    builder = Builder(target, params, ACTIVATION_TYPES[options.activations], options.per_channel,
-                      weight_grid(options.weights))
+    chosen = {mapped[node]: (own or {}).get(node, options) for node in enabled}
+    grids = {choice: weight_grid(choice) for choice in {o.weights for o in chosen.values()}}
+    builder = Builder(target, params, ACTIVATION_TYPES[options.activations],
+                      lambda node: chosen[node].per_channel, lambda node: grids[chosen[node].weights](node))
     units = [mapped[n] for n in enabled if not _is_table(n)]
     tables = [mapped[n] for n in enabled if _is_table(n)]
     done = builder.apply(units, tables)

@@ -90,10 +90,16 @@ class QuantizeWeightsInt4(CompressionPass):
     constant float32 [N] at ``beta=1``; fewer than ``min_elements`` elements; names
     matching ``exclude``; a weight whose quantized form would not be smaller (a small K
     padded to a whole block). Nodes inside If/Loop/Scan bodies are not visited.
+
+    Per node (``@PATTERN{...}``): ``block_size``, ``symmetric`` and ``accuracy_level``, or
+    ``skip=true`` to leave the node alone (refused, naming the pattern). A weight read by
+    several nodes is quantized once, with the options of its first reader in graph order; a
+    reader left alone keeps the float weight, so all its readers are refused.
     """
 
     name = "quantize-weights-int4"
     Options = QuantizeWeightsInt4Options
+    per_node = ("block_size", "symmetric", "accuracy_level")
     prerequisites = ("lift-constants",)
     lossless = False
 
@@ -103,13 +109,14 @@ class QuantizeWeightsInt4(CompressionPass):
         names = Names(model)
         outcomes = Outcomes(model)
         changed = 0
-        for weight, sites in weight_sites(model, self.options, outcomes.refuse).items():
+        for weight, sites in weight_sites(model, self.options, outcomes.refuse, self.skipped_by_plan).items():
+            options = self.node_options(sites[0].node)  # a shared weight follows its first reader
             k, n = sites[0].shape
-            before, after = FLOAT_BYTES * k * n, self._size_after(k, n)
-            if reason := shrink_reason(f"the {k}×{n} weight in blocks of {self.options.block_size}", before, after):
+            before, after = FLOAT_BYTES * k * n, _size_after(k, n, options)
+            if reason := shrink_reason(f"the {k}×{n} weight in blocks of {options.block_size}", before, after):
                 outcomes.add([site.node for site in sites], False, reason)
                 continue
-            detail = self._rewrite(model, weight, sites, names)
+            detail = self._rewrite(model, weight, sites, names, options)
             bias = {site.node: site.bias_text() for site in sites}
             outcomes.add(bias, True, lambda node: detail + bias[node])
             changed += len(sites)
@@ -124,22 +131,17 @@ class QuantizeWeightsInt4(CompressionPass):
         if quantized_reason(model):
             return []
         out = []
-        for sites in weight_sites(model, self.options, lambda node, reason: None).values():
+        for sites in weight_sites(model, self.options, lambda node, reason: None, self.skipped_by_plan).values():
+            options = self.node_options(sites[0].node)
             k, n = sites[0].shape
-            before, after = FLOAT_BYTES * k * n, self._size_after(k, n)
+            before, after = FLOAT_BYTES * k * n, _size_after(k, n, options)
             if after < before:
-                what = f"int4 weight {k}×{n}, blocks of {self.options.block_size}: {size_text(before, after, k * n)}"
+                what = f"int4 weight {k}×{n}, blocks of {options.block_size}: {size_text(before, after, k * n)}"
                 out += [Candidate(self.name, node_label(s.node), s.node.op_type, what) for s in sites]
         return out
 
-    def _size_after(self, k: int, n: int) -> int:
-        blocks = -(-k // self.options.block_size)
-        codes = n * blocks * self.options.block_size * BITS // 8
-        zero_points = 0 if self.options.symmetric else n * -(-blocks * BITS // 8)
-        return codes + FLOAT_BYTES * n * blocks + zero_points
-
-    def _rewrite(self, model: ir.Model, weight: ir.Value, sites: list[WeightSite], names: Names) -> str:
-        options = self.options
+    def _rewrite(self, model: ir.Model, weight: ir.Value, sites: list[WeightSite], names: Names,
+                 options: QuantizeWeightsInt4Options) -> str:
         w = sites[0].matrix()
         k, n = w.shape
         if options.symmetric:
@@ -164,8 +166,16 @@ class QuantizeWeightsInt4(CompressionPass):
             new = ir.node("MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=site.node.name or None)
             replace_with(site, new)
         drop_if_unused(weight)
-        before, after = FLOAT_BYTES * k * n, self._size_after(k, n)
+        before, after = FLOAT_BYTES * k * n, _size_after(k, n, options)
         grid = "int4 symmetric" if options.symmetric else "uint4 with zero points"
         shared = f"; shared by {len(sites)} nodes" if len(sites) > 1 else ""
         return (f"{grid}, blocks of {options.block_size} along K ({blocks.q.shape[1]} per column), "
                 f"weight {k}×{n}: {size_text(before, after, k * n)}{shared}")
+
+
+def _size_after(k: int, n: int, options: QuantizeWeightsInt4Options) -> int:
+    """Bytes of the MatMulNBits form of a K×N weight: packed codes, scales, zero points."""
+    blocks = -(-k // options.block_size)
+    codes = n * blocks * options.block_size * BITS // 8
+    zero_points = 0 if options.symmetric else n * -(-blocks * BITS // 8)
+    return codes + FLOAT_BYTES * n * blocks + zero_points
