@@ -1,7 +1,16 @@
-"""Capture intermediate tensors of a model on calibration feeds with onnxruntime."""
+"""Capture intermediate tensors of a model on calibration feeds with onnxruntime.
+
+Inside ``with reusing(runner):`` (the tuner's probes), requests for the runner's own feeds are
+served by :class:`onnxcompress.partial_run.CachedRunner`: tensors the model computes as the
+runner's reference model does come from its cache, and only the part of the model that
+differs runs. The values are the same either way (the cache is computed as :func:`capture`
+computes); only the time differs.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -10,9 +19,32 @@ import onnx_ir as ir
 from onnxcompress.runtime import make_session, with_extra_outputs
 
 
+_RUNNER: contextvars.ContextVar = contextvars.ContextVar("onnxcompress_activation_runner", default=None)
+
+
+@contextlib.contextmanager
+def reusing(runner):
+    """Serve :func:`capture` and :func:`stream` on ``runner.feeds`` from ``runner``."""
+    token = _RUNNER.set(runner)
+    try:
+        yield
+    finally:
+        _RUNNER.reset(token)
+
+
+def _cached(model: ir.Model, names: list[str], feeds, optimize: bool = False):
+    runner = _RUNNER.get()
+    if runner is None or feeds is not runner.feeds:
+        return None
+    return runner.compute(model, names, optimize=optimize)
+
+
 def capture(model: ir.Model, names: Iterable[str], feeds: list[dict]) -> dict[str, list[np.ndarray]]:
     """``{name: [array per feed]}`` for the named tensors (graph inputs are taken from the feeds)."""
     names = list(dict.fromkeys(names))
+    cached = _cached(model, names, feeds)
+    if cached is not None:
+        return {n: [values[n] for values in cached] for n in names}
     inputs = {v.name for v in model.graph.inputs}
     computed = [n for n in names if n not in inputs]
     session = make_session(with_extra_outputs(model, computed), optimize=False) if computed else None
@@ -28,6 +60,10 @@ def stream(model: ir.Model, names: Iterable[str], feeds: Iterable[dict], optimiz
     """``{name: array}`` for the named tensors, one feed at a time: memory stays that of one
     feed's activations however many feeds there are."""
     names = list(dict.fromkeys(names))
+    cached = _cached(model, names, feeds, optimize)
+    if cached is not None:
+        yield from cached
+        return
     inputs = {v.name for v in model.graph.inputs}
     computed = [n for n in names if n not in inputs]
     session = make_session(with_extra_outputs(model, computed), optimize=optimize) if computed else None

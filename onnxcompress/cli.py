@@ -4,6 +4,7 @@
     onnxcompress optimize IN.onnx -o OUT.onnx -p PIPELINE --calib DATA --drift-budget B --bisect auto
         (prints the first pass and node rewrite over budget and the command reproducing it;
         exits 0 when the search ran, whether or not the budget breaks; writes nothing)
+    onnxcompress tune MODEL.onnx -o OUT.onnx --calib DATA --budget "top1>=0.99" [--objective size|latency|macs] [-j N]
     onnxcompress inspect MODEL.onnx [--json] [--storage]
     onnxcompress pack MODEL.onnx -o MODEL.onnxz
     onnxcompress unpack MODEL.onnxz -o MODEL.onnx
@@ -82,6 +83,22 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data")
     opt.add_argument("--no-verify", action="store_true", help="skip the onnx checker after each pass")
     opt.set_defaults(func=_optimize)
+
+    tun = sub.add_parser("tune", help="choose per node int8/float, prune ratio and rank for the best objective within a budget")
+    tun.add_argument("input", help="the ONNX model (never modified)")
+    tun.add_argument("-o", "--output", required=True, help="the tuned model; its plan (.plan.json) and record (.tune.json) go beside it")
+    _add_calibration_args(tun)
+    tun.add_argument("--budget", required=True,
+                     help="what the plan must keep, e.g. 'top1>=0.99', 'sqnr>=30,cosine>=0.999', 'metric_drop<=0.005' (with --metric)")
+    tun.add_argument("--objective", choices=("size", "latency", "macs"), default="size",
+                     help="what to minimise (latency: estimated per probe from MACs, int8 MACs at half cost)")
+    tun.add_argument("--knobs", default=None, help="knob families to turn per node, comma-separated (default: int8,prune,low-rank,low-rank-gemm)")
+    tun.add_argument("-j", "--jobs", type=int, default=1, help="probe in N worker processes")
+    tun.add_argument("--metric", metavar="MODULE:FUNCTION", help="your metric: called with a model path, returns a number, higher is better")
+    tun.add_argument("--best-effort", action="store_true", help="write the best plan found even when it misses the budget")
+    tun.add_argument("--report-html", metavar="PATH", help="write a self-contained HTML report of the tuning")
+    tun.add_argument("--base", default="default", help="the pipeline every plan starts with (default: the default preset)")
+    tun.set_defaults(func=_tune)
 
     ins = sub.add_parser("inspect", help="parameters, bytes, MACs per node, and what each pass could do")
     ins.add_argument("model")
@@ -207,6 +224,56 @@ def _bisect_auto(args, pipeline) -> int:
     finding = bisect_to_node(model, pipeline, feeds, args.drift_budget, reference=args.reference, verify=not args.no_verify)
     print(finding.describe(args.input, args.output, data))
     return 0
+
+
+def _tune(args) -> int:
+    from onnxcompress.knobs import DEFAULT_KNOBS
+    from onnxcompress.progress import Progress
+    from onnxcompress.tuning import MetricError, tune
+
+    if Path(args.input).resolve() == Path(args.output).resolve():
+        raise OnnxCompressError("the output must not be the input file: the input is never modified")
+    if not args.calib:
+        raise OnnxCompressError("tune needs calibration data: --calib FILE_OR_DIR")
+    bars: dict[str, Progress] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == "sensitivity":
+            bar = bars.setdefault(stage, Progress(total=total, desc="sensitivity"))
+            bar.update(1)
+            if done == total:
+                bar.close()
+
+    try:
+        result = tune(args.input, args.calib, args.budget, args.objective, args.knobs or DEFAULT_KNOBS,
+                      args.jobs, args.metric, args.best_effort, args.base, args.calib_limit, progress)
+    except MetricError as exc:
+        if exc.details:
+            print(exc.details.rstrip(), file=sys.stderr)
+        raise
+    written = result.save(args.output, html=args.report_html)
+    print(_tune_summary(result))
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0 if result.within_budget else 1
+
+
+def _tune_summary(result) -> str:
+    probes = result.probes
+    rewritten = sum(p.status == "rewritten" for p in probes)
+    lines = [f"sensitivity: {len(probes)} probes ({rewritten} rewrote their node, {len(probes) - rewritten} refused or failed) "
+             f"in {result.timings['sensitivity_s']:.1f} s"]
+    rows = [("k", "predicted damage", "damage", result.objective, "budget")]
+    for p in result.points:
+        mark = "within" if p.within_budget else p.reason
+        rows.append((str(p.k), f"{p.predicted_damage:.3g}", f"{p.damage:.3g}", f"{p.objective:,.0f}", mark + (" <- chosen" if p is result.chosen else "")))
+    lines += ["search (plans of the first k steps of the greedy order, run whole):", _table(rows)]
+    base, out = result.baseline["objective"], result.result["objective"]
+    if base and out:
+        lines.append(f"{result.objective}: {base:,.0f} -> {out:,.0f} ({base / out:.2f}x) within '{result.budget}'"
+                     if result.within_budget else f"budget '{result.budget}' NOT met (--best-effort): {result.chosen.reason}")
+    lines.append(f"plan: {result.pipeline}")
+    lines.append(f"tuning took {result.timings['total_s']:.1f} s")
+    return "\n".join(lines)
 
 
 def _inspect(args) -> int:

@@ -71,7 +71,12 @@ def _node_digest(node: ir.Node, sig: dict[int, str]) -> str:
 
 
 class CachedRunner:
-    """The reference model's outputs on ``feeds``, and candidates run from its cached activations."""
+    """The reference model's tensors on ``feeds``, and other models' tensors computed from them.
+
+    The cache is computed without onnxruntime's graph optimisations, as
+    :func:`onnxcompress.activations.capture` computes activations, so a pass that calibrates
+    from the cache sees the values it would have computed itself.
+    """
 
     def __init__(self, model: ir.Model, feeds: list[dict], threads: int = 2):
         self.feeds = feeds
@@ -79,7 +84,7 @@ class CachedRunner:
         self.output_names = [v.name for v in model.graph.outputs]
         self.signatures = signatures(model)
         names = [v.name for n in model.graph for v in n.outputs if v.name]
-        session = make_session(with_extra_outputs(model, names), threads)
+        session = make_session(with_extra_outputs(model, names), threads, optimize=False)
         all_names = [o.name for o in session.get_outputs()]
         self.cache = [dict(zip(all_names, session.run(all_names, feed))) for feed in feeds]
         self.reference = [{n: c[n] for n in self.output_names} for c in self.cache]
@@ -87,61 +92,88 @@ class CachedRunner:
     def run(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
         """The candidate's outputs (by the reference's output names) on every feed. ``model`` is
         cut in place: the caller must not use it afterwards."""
-        cut = self._cut(model)
-        if cut is None:
-            session = make_session(model, self.threads)
-            names = [o.name for o in session.get_outputs()]
-            return [dict(zip(names, session.run(names, feed))) for feed in self.feeds]
-        computed, fed = cut
-        if not computed:
-            return [{n: c[n] for n in self.output_names} for c in self.cache]
-        session = make_session(model, self.threads)
-        results = []
-        for feed, cache in zip(self.feeds, self.cache):
-            inputs = {n: (feed[n] if n in feed else cache[n]) for n in fed}
-            values = dict(zip(computed, session.run(computed, inputs)))
-            results.append({n: values[n] if n in values else cache[n] for n in self.output_names})
-        return results
+        if [v.name for v in model.graph.outputs] != self.output_names:
+            return self._run_whole(model, self.output_names, optimize=True)
+        return self.compute(model, self.output_names, optimize=True, in_place=True)
 
-    def _cut(self, model: ir.Model):
-        """Rewrite ``model`` into the part that differs; (outputs it computes, inputs it reads),
-        or None when it has to run whole."""
-        graph = model.graph
-        if [v.name for v in graph.outputs] != self.output_names:
-            return None
+    def compute(self, model: ir.Model, names: list[str], optimize: bool = False, in_place: bool = False) -> list[dict[str, np.ndarray]]:
+        """``[{name: array} per feed]`` of the named tensors of ``model``: from the cache where
+        ``model`` computes them as the reference does, the rest by running only what differs."""
         mine = signatures(model)
         same = {name for name, s in mine.items() if self.signatures.get(name) == s}
-        changed = [n for n in graph if not all(v.name in same for v in n.outputs)]
-        cut_values = []
-        for node in changed:
-            for value in node.inputs:
-                if value is None or value.is_initializer() or value.name not in same or value in cut_values:
-                    continue
-                if value.is_graph_input():
-                    cut_values.append(value)
-                    continue
-                if value.type is None:
-                    logger.debug("cannot cut at %s: no type", value.name)
-                    return None
-                cut_values.append(value)
-        outputs = [v for v in graph.outputs if v.name not in same]
-        if not outputs:
-            return [], []
-        inputs = []
-        for value in cut_values:
-            if value.is_graph_input():
-                inputs.append(value)
+        graph_inputs = {v.name for v in model.graph.inputs}
+        missing = [n for n in names if n not in same and n not in graph_inputs]
+        computed: list[dict] = [{} for _ in self.feeds]
+        if missing:
+            work = model if in_place else model.clone()
+            fed = _cut(work, missing, same)
+            if fed is None:
+                computed = self._run_whole(model, missing, optimize)
+            else:
+                session = make_session(work, self.threads, optimize=optimize)
+                computed = []
+                for feed, cache in zip(self.feeds, self.cache):
+                    inputs = {n: (feed[n] if n in feed else cache[n]) for n in fed}
+                    computed.append(dict(zip(missing, session.run(missing, inputs))))
+        out = []
+        for feed, cache, fresh in zip(self.feeds, self.cache, computed):
+            out.append({n: fresh[n] if n in fresh else (feed[n] if n in graph_inputs else cache[n]) for n in names})
+        return out
+
+    def _run_whole(self, model: ir.Model, names: list[str], optimize: bool) -> list[dict[str, np.ndarray]]:
+        session = make_session(with_extra_outputs(model, names), self.threads, optimize=optimize)
+        return [dict(zip(names, session.run(names, feed))) for feed in self.feeds]
+
+
+def _cut(model: ir.Model, wanted: list[str], same: set[str]) -> list[str] | None:
+    """Rewrite ``model`` in place into the part that computes ``wanted`` from tensors in ``same``
+    (which become graph inputs); the names it reads, or None when it cannot be cut."""
+    graph = model.graph
+    by_name = {v.name: v for n in graph for v in n.outputs if v.name}
+    if any(n not in by_name for n in wanted):
+        return None
+    needed = _ancestors(graph, [by_name[n] for n in wanted], same)
+    cut_values = []
+    for node in needed:
+        for value in node.inputs:
+            if value is None or value.is_initializer() or value.name not in same or value in cut_values:
                 continue
-            fresh = ir.Value(name=value.name, type=value.type, shape=value.shape)
-            value.name = None
-            value.replace_all_uses_with(fresh)
-            inputs.append(fresh)
-        graph.inputs.clear()
-        graph.inputs.extend(inputs)
-        graph.outputs.clear()
-        graph.outputs.extend(outputs)
-        _remove_dead(graph)
-        return [v.name for v in outputs], [v.name for v in inputs]
+            if value.is_graph_input():
+                cut_values.append(value)
+                continue
+            if value.type is None:
+                logger.debug("cannot cut at %s: no type", value.name)
+                return None
+            cut_values.append(value)
+    outputs = [by_name[n] for n in wanted]
+    inputs = []
+    for value in cut_values:
+        if value.is_graph_input():
+            inputs.append(value)
+            continue
+        fresh = ir.Value(name=value.name, type=value.type, shape=value.shape)
+        value.name = None
+        value.replace_all_uses_with(fresh)
+        inputs.append(fresh)
+    graph.inputs.clear()
+    graph.inputs.extend(inputs)
+    graph.outputs.clear()
+    graph.outputs.extend(outputs)
+    _remove_dead(graph)
+    return [v.name for v in inputs]
+
+
+def _ancestors(graph: ir.Graph, values: list[ir.Value], same: set[str]) -> list[ir.Node]:
+    """The nodes needed to compute ``values`` when every tensor in ``same`` is given."""
+    needed, todo = set(), list(values)
+    while todo:
+        value = todo.pop()
+        node = value.producer()
+        if node is None or id(node) in needed or (value.name in same and value not in values):
+            continue
+        needed.add(id(node))
+        todo.extend(v for v in node.inputs if v is not None)
+    return [n for n in graph if id(n) in needed]
 
 
 def _remove_dead(graph: ir.Graph) -> None:

@@ -8,10 +8,11 @@ the search relies on. The *saving* is what the objective gains: constant bytes (
 MACs (``macs``), or MACs weighted by the measured int8 speed-up (``latency``, an estimate:
 probes are too short to time on a shared CPU; the chosen plan's latency is measured).
 
-Probes only read the part of the graph after the changed nodes: the reference model's
+Probes only run the part of the graph after the changed nodes: the reference model's
 activations are computed once, and a probe's model is cut where its tensors are still the
 reference's (same name, same producing computation), so onnxruntime runs only what changed
-and what follows it.
+and what follows it. The passes' own calibration (quantization ranges, reconstruction
+targets) is served from the same cache (:func:`onnxcompress.activations.reusing`).
 
 ``jobs > 1`` runs probes in that many worker processes (spawned: each loads the model once);
 each worker's onnxruntime sessions then use ``cpu_count // jobs`` threads.
@@ -30,6 +31,7 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.activations import reusing
 from onnxcompress.analysis.cost import compute_cost
 from onnxcompress.knobs import Knob, probe_pipeline
 from onnxcompress.manager import PassManager
@@ -121,7 +123,8 @@ class Prober:
         return result
 
     def _probe(self, knob: Knob) -> ProbeResult:
-        model, records = run_pipeline(self.model, probe_pipeline(knob), self.feeds, knob.family.pass_name)
+        with reusing(self.runner):
+            model, records = run_pipeline(self.model, probe_pipeline(knob), self.feeds, knob.family.pass_name)
         mine = [r for r in records if r.node == knob.node]
         if not any(r.action == "rewritten" for r in mine):
             reason = next((r.detail for r in mine if r.action == "refused"), "the pass did not rewrite it")
