@@ -5,16 +5,20 @@ HTML page that needs nothing else: CSS inline, plots drawn by matplotlib as inli
 kept as text, ids made unique per plot), no script, no link to anything outside the file.
 Each section is shown only when its data is there:
 
-- header: model, budget, objective, the chosen plan (pipeline text) and baseline against result
-  (size, MACs, latency, metric values);
+- header: model, budget, objective, plan steps, timings, a warning when the budget was not met,
+  the chosen plan (pipeline text) and baseline against result (size, MACs, latency, objective,
+  metric values);
 - passes: a table and bar charts of bytes, MACs and drift after each pass;
 - sensitivity: a heat map, one row per node in the order the nodes first appear (the tuner lists
   them in graph order), one column per knob level grouped by family, the colour the damage on a
   log scale in eight bins, the value in the cell and the details in its tooltip; no cell where a
   knob was not measured;
-- Pareto front: explored points, objective against metric (with the budget line) and against
-  damage; the front drawn as a step line, the chosen point starred; the points in a table below;
-- refusals: what was refused and why, grouped by reason, the most frequent reason first.
+- Pareto front: explored points, the objective (lower is better) against the measure the
+  budget's first constraint names (``measures.top1`` for ``top1>=0.99``, else ``metric``) with
+  the budget line, and against damage; the front drawn as a step line, the chosen point
+  starred; the points in a table below;
+- refusals: what was refused and why, grouped by reason (reasons that differ only in numbers
+  or quoted names are one group), the largest group first.
 
 Every piece of text from the data is HTML-escaped. A key that is missing or null leaves its
 section or cell out; a value of the wrong type is a :class:`ReportDataError` naming where it is.
@@ -39,6 +43,9 @@ HEAT_COLOURS = ("#ffffcc", "#ffeda0", "#fed976", "#feb24c", "#fd8d3c", "#fc4e2a"
 # Bins from this one on are dark enough to need white text.
 FIRST_DARK_BIN = 5
 DRIFT_KEYS = ("sqnr_db", "cosine", "max_abs", "top1")
+# A number standing alone (not the 8 of int8 or the 1 of features.1), and a quoted name.
+_NUMBER = re.compile(r"(?<![\w.])(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?!\w)")
+_QUOTED = re.compile(r"'[^']*'")
 _BUDGET_PART = re.compile(r"\s*([A-Za-z_][\w.]*)\s*(>=|<=|>|<|=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*")
 
 
@@ -181,14 +188,18 @@ def _td(text: str, cls: str = "", title: str = "") -> str:
 
 
 def _header_section(data: dict) -> str:
-    facts = [(key, data.get(key)) for key in ("model", "budget", "objective")]
-    items = "".join(f"<dt>{key}</dt><dd>{_esc(_text(v, key))}</dd>" for key, v in facts if v is not None)
+    items = "".join(f"<dt>{key}</dt><dd>{_esc(text)}</dd>" for key, text in _header_facts(data))
     out = ['<header id="summary">']
+    if data.get("within_budget") is False:
+        out.append('<p class="warning">The budget was not met: this is the best plan found.</p>')
     if items:
         out.append(f"<dl>{items}</dl>")
     if data.get("plan") is not None:
         out.append(f'<h2>Chosen plan</h2>\n<pre id="plan">{_esc(_text(data["plan"], "plan"))}</pre>')
-    comparison = _baseline_table(_dict(data.get("baseline"), "baseline"), _dict(data.get("result"), "result"))
+    objective = str(data.get("objective") or "")
+    comparison = _baseline_table(
+        _dict(data.get("baseline"), "baseline"), _dict(data.get("result"), "result"), objective
+    )
     if comparison:
         out.append(f"<h2>Baseline and result</h2>\n{comparison}")
     if len(out) == 1:
@@ -197,15 +208,36 @@ def _header_section(data: dict) -> str:
     return "\n".join(out)
 
 
-def _baseline_table(baseline: dict, result: dict) -> str:
+def _header_facts(data: dict) -> list[tuple[str, str]]:
+    """(label, text) of the run: model, budget, objective, how far the plan went, timings."""
+    facts = [(key, _text(data[key], key)) for key in ("model", "budget", "objective") if data.get(key) is not None]
+    result = _dict(data.get("result"), "result")
+    steps, of_steps = _number(result.get("steps"), "result.steps"), _number(result.get("of_steps"), "result.of_steps")
+    if steps is not None:
+        facts.append(("plan steps", f"{steps:.0f}" + (f" of {of_steps:.0f}" if of_steps is not None else "")))
+    timings = _dict(data.get("timings"), "timings")
+    if timings:
+        seconds = [(k, _number(v, f"timings.{k}")) for k, v in timings.items()]
+        facts.append(("time", ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in seconds if v is not None)))
+    return facts
+
+
+def _baseline_table(baseline: dict, result: dict, objective: str) -> str:
+    """Costs (ratio after/before) then metrics (difference); the objective's own row only
+    where it says something the size row does not."""
     if not baseline and not result:
         return ""
-    rows = []
-    for key, label in (("size", "size"), ("macs", "MACs"), ("latency_ms", "latency (ms)")):
+    rows, shown = [], []
+    for key, label in (("size", "size"), ("macs", "MACs"), ("latency_ms", "latency (ms)"), ("objective", "objective")):
         before = _number(baseline.get(key), f"baseline.{key}")
         after = _number(result.get(key), f"result.{key}")
-        if before is not None or after is not None:
-            rows.append(_comparison_row(label, before, after, key, relative=True))
+        if (before is None and after is None) or (key == "objective" and (before, after) in shown):
+            continue
+        kind = objective if key == "objective" else key
+        rows.append(
+            _comparison_row(f"objective ({objective})" if key == "objective" else label, before, after, kind, True)
+        )
+        shown.append((before, after))
     before_metrics = _dict(baseline.get("metric"), "baseline.metric")
     after_metrics = _dict(result.get("metric"), "result.metric")
     for name in dict.fromkeys([*before_metrics, *after_metrics]):
@@ -232,6 +264,8 @@ class _PassRow:
 
     name: str
     status: str
+    reason: str  # why skipped, rolled back or failed
+    counts: dict[str, float | None]  # nodes rewritten, refused
     cost: dict[str, float | None]  # params, bytes, macs
     drift: dict[str, float | None]
     time_s: float | None
@@ -243,6 +277,8 @@ class _PassRow:
         return cls(
             name=_text(p.get("name", "?"), f"passes[{i}].name"),
             status=_text(p.get("status", ""), f"passes[{i}].status"),
+            reason=_text(p.get("reason") or "", f"passes[{i}].reason"),
+            counts={k: _number(p.get(k), f"passes[{i}].{k}") for k in ("rewritten", "refused")},
             cost={k: _number(cost.get(k), f"passes[{i}].cost.{k}") for k in ("params", "bytes", "macs")},
             drift={k: _number(v, f"passes[{i}].drift.{k}") for k, v in drift.items()},
             time_s=_number(p.get("time_s"), f"passes[{i}].time_s"),
@@ -255,9 +291,11 @@ def _passes_section(data: dict, plots: "_Plots") -> str:
         return ""
     drift_keys = [k for k in DRIFT_KEYS if any(k in p.drift for p in passes)]
     drift_keys += [k for k in dict.fromkeys(k for p in passes for k in p.drift) if k not in drift_keys]
-    headers = ["#", "pass", "status", "params", "bytes", "MACs", *map(_esc, drift_keys), "time (s)"]
+    counts = [k for k in ("rewritten", "refused") if any(p.counts[k] is not None for p in passes)]
+    headers = ["#", "pass", "status", *counts, "params", "bytes", "MACs", *map(_esc, drift_keys), "time (s)"]
     rows = [
-        [_td(str(i + 1)), _td(p.name, "name"), _td(p.status)]
+        [_td(str(i + 1)), _td(p.name, "name"), _td(p.status, title=p.reason)]
+        + [_td(_format_value(p.counts[k])) for k in counts]
         + [_td(_format_value(p.cost[k], k), title=_exact(p.cost[k])) for k in ("params", "bytes", "macs")]
         + [_td(_format_value(p.drift.get(k))) for k in drift_keys]
         + [_td(_format_value(p.time_s, "time_s"))]
@@ -414,22 +452,46 @@ def pareto_front(xs: list[float], ys: list[float], higher_y_is_better: bool) -> 
 @dataclasses.dataclass(frozen=True)
 class BudgetLine:
     """The first ``NAME OP VALUE`` constraint of a budget (``top1>=0.99``): the line drawn on
-    the metric panel. ``<=`` and ``<`` mean lower is better; ``>=``, ``>`` and ``=`` higher."""
+    the metric panel. ``<=`` and ``<`` mean lower is better; ``>=``, ``>`` and ``=`` higher.
+    ``metric_drop<=X`` is the line X below the baseline's user metric (none without it)."""
 
     metric: str
     threshold: float
     higher_is_better: bool
     text: str
 
+    # Budget names that a point's measures spell differently.
+    MEASURES = {"sqnr": "sqnr_db", "maxabs": "max_abs", "metric_drop": "metric"}
+
     @classmethod
-    def parse(cls, budget: Any) -> "BudgetLine | None":
-        if budget is None:
+    def parse(cls, budget: Any, baseline: dict | None = None) -> "BudgetLine | None":
+        m = cls._first(budget)
+        if m is None:
             return None
-        first = str(budget).split(",")[0]
-        m = _BUDGET_PART.fullmatch(first)
-        if not m:
-            return None
-        return cls(m.group(1), float(m.group(3)), m.group(2) not in ("<=", "<"), first.strip())
+        name, op, value, text = m.group(1), m.group(2), float(m.group(3)), m.group(0).strip()
+        if name == "metric_drop":
+            base = _number(_dict((baseline or {}).get("metric"), "baseline.metric").get("metric"), "baseline.metric")
+            return None if base is None else cls("metric", base - value, True, text)
+        return cls(name, value, op not in ("<=", "<"), text)
+
+    @classmethod
+    def measure_key(cls, budget: Any) -> str | None:
+        """The key of ``explored[i]["measures"]`` the budget's first constraint reads."""
+        m = cls._first(budget)
+        return None if m is None else cls.MEASURES.get(m.group(1), m.group(1))
+
+    @staticmethod
+    def _first(budget: Any) -> re.Match | None:
+        return None if budget is None else _BUDGET_PART.fullmatch(str(budget).split(",")[0])
+
+
+def _budget_measure(point: dict, key: str | None, i: int) -> float | None:
+    """What the budget line is drawn against: the point's measure the budget names, else its
+    ``metric``."""
+    measures = _dict(point.get("measures"), f"explored[{i}].measures")
+    if key is not None and measures.get(key) is not None:
+        return _number(measures[key], f"explored[{i}].measures.{key}")
+    return _number(point.get("metric"), f"explored[{i}].metric")
 
 
 def _pareto_section(data: dict, plots: "_Plots") -> str:
@@ -443,17 +505,19 @@ def _pareto_section(data: dict, plots: "_Plots") -> str:
         raise ReportDataError(
             f"tuning report: 'chosen' should be an index into the {len(explored)} explored points, not {chosen!r:.40}"
         )
+    budget_key = BudgetLine.measure_key(data.get("budget"))
     points = [
         {
             "label": _text(p.get("label", f"#{i}"), f"explored[{i}].label"),
-            **{k: _number(p.get(k), f"explored[{i}].{k}") for k in ("objective", "damage", "metric")},
+            **{k: _number(p.get(k), f"explored[{i}].{k}") for k in ("objective", "damage")},
+            "metric": _budget_measure(p, budget_key, i),
             "within": None if p.get("within_budget") is None else bool(p["within_budget"]),
             "verified": None if p.get("verified") is None else bool(p["verified"]),
         }
         for i, p in enumerate(explored)
     ]
     objective = str(data.get("objective") or "objective")
-    budget = BudgetLine.parse(data.get("budget"))
+    budget = BudgetLine.parse(data.get("budget"), _dict(data.get("baseline"), "baseline"))
     panels = []
     if any(p["metric"] is not None for p in points):
         panels.append(("metric", budget.metric if budget else "metric", budget))
@@ -463,7 +527,7 @@ def _pareto_section(data: dict, plots: "_Plots") -> str:
     if panels:
         size = (4.8 * len(panels), 3.6)
         chart = plots.svg(lambda fig: _draw_pareto(fig, points, chosen, objective, panels), size)
-    table = _explored_table(points, chosen, objective)
+    table = _explored_table(points, chosen, objective, budget.metric if budget else "metric")
     return (
         f'<section id="pareto">\n<h2>Pareto front</h2>\n{chart}\n'
         f"<details open><summary>{len(points)} explored points</summary>\n{table}\n</details>\n</section>"
@@ -536,7 +600,7 @@ def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def _explored_table(points: list[dict], chosen: int | None, objective: str) -> str:
+def _explored_table(points: list[dict], chosen: int | None, objective: str, metric: str) -> str:
     def yes_no(v: Any) -> str:
         return "" if v is None else "yes" if v else "no"
 
@@ -554,30 +618,42 @@ def _explored_table(points: list[dict], chosen: int | None, objective: str) -> s
         for i, p in enumerate(points)
     ]
     return _table(
-        ["#", "point", _esc(objective), "damage", "metric", "within budget", "verified", ""], rows, "explored"
+        ["#", "point", _esc(objective), "damage", _esc(metric), "within budget", "verified", ""], rows, "explored"
     )
 
 
 # ---------------------------------------------------------------------------- refusals
 
 
+def reason_shape(reason: str) -> str:
+    """The reason with its numbers and quoted names masked (``N``, ``'…'``): refusals that differ
+    only in those ("rank 12 does not pay for 40×30") are one group."""
+    return _NUMBER.sub("N", _QUOTED.sub("'…'", reason))
+
+
 def _refused_section(data: dict) -> str:
     refused = _records(data.get("refused"), "refused")
     if not refused:
         return ""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[tuple[str, dict]]] = {}
     for i, r in enumerate(refused):
         reason = _text(r.get("reason") or "(no reason given)", f"refused[{i}].reason")
-        groups.setdefault(reason, []).append(r)
+        groups.setdefault(reason_shape(reason), []).append((reason, r))
+    columns = ["pass", "node", "op_type"] + (["knob"] if any(r.get("knob") is not None for r in refused) else [])
     ordered = sorted(groups.items(), key=lambda item: -len(item[1]))  # stable: ties keep first appearance
     out = ['<section id="refused">', f"<h2>Refused ({len(refused)})</h2>"]
-    for reason, group in ordered:
+    for shape, group in ordered:
+        exact = {reason for reason, _ in group}
+        heading = shape if len(exact) > 1 else group[0][0]
         rows = [
-            [_td(_text(r.get(k) or "", f"refused.{k}"), "name") for k in ("pass", "node", "op_type")] for r in group
+            [_td(_text(r.get(k) or "", f"refused.{k}"), "name") for k in columns]
+            + ([_td(reason, "name")] if len(exact) > 1 else [])
+            for reason, r in group
         ]
+        headers = [*(c.replace("op_type", "op") for c in columns)] + (["reason"] if len(exact) > 1 else [])
         out.append(
-            f'<details><summary><span class="count">{len(group)}</span> {_esc(reason)}</summary>\n'
-            f"{_table(['pass', 'node', 'op'], rows, 'refused')}\n</details>"
+            f'<details><summary><span class="count">{len(group)}</span> {_esc(heading)}'
+            f"</summary>\n{_table(headers, rows, 'refused')}\n</details>"
         )
     out.append("</section>")
     return "\n".join(out)
@@ -637,6 +713,7 @@ _CSS = (
     ".heat tr>th:nth-child(1),.heat td.name{white-space:nowrap}"
     ".legend span{display:inline-block;padding:0 .4em;font-size:11px}"
     "summary{cursor:pointer;margin:.3em 0}.count{display:inline-block;min-width:3em;font-weight:600}"
+    ".warning{background:#fdecea;border-left:4px solid #d62728;padding:.4em .8em}"
     "td.chosen{background:#ffe680;font-weight:600}figure.plot{margin:.5em 0}figure.plot svg{max-width:100%;height:auto}"
     + "".join(
         f".d{i}{{background:{c}{';color:#fff' if i >= FIRST_DARK_BIN else ''}}}" for i, c in enumerate(HEAT_COLOURS)

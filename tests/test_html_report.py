@@ -19,6 +19,7 @@ from onnxcompress.html_report import (
     ReportDataError,
     _HeatBins,
     pareto_front,
+    reason_shape,
     render_html_report,
     write_html_report,
 )
@@ -433,3 +434,106 @@ def test_an_infinite_sqnr_is_marked_in_the_pass_chart():
     texts = re.findall(r"<text[^>]*>([^<]*)</text>", page)
     assert "inf" in texts and "sqnr_db after pass" in texts
     assert "<td>inf</td>" in page and "<td>31.5</td>" in page
+
+
+def test_the_tuners_own_record_renders(tmp_path, tiny_path, tiny_calib):
+    from onnxcompress.tuning import tune
+
+    result = tune(str(tiny_path), calibration=str(tiny_calib), budget="top1>=0.9", objective="size")
+    written = result.save(tmp_path / "tiny.tuned.onnx", html=tmp_path / "tiny.tune.html")
+    page = written["html"].read_text(encoding="utf-8")
+    data = result.to_dict()
+    assert {"summary", "passes", "sensitivity", "pareto"} <= section_ids(page)
+    assert f'<pre id="plan">{html.escape(data["plan"])}</pre>' in page
+    heat = page[page.index('<table class="heat">') : page.index("</table>", page.index('<table class="heat">'))]
+    assert heat.count("<tr><td") == len({e["node"] for e in data["sensitivity"]})
+    explored = page[page.index('<table class="explored">') :]
+    explored = explored[: explored.index("</table>")]
+    assert explored.count("<tr>") == 1 + len(data["explored"])
+    chosen = data["explored"][data["chosen"]]
+    # the budget names top1: the metric panel plots each point's measured top1 against the line
+    assert f"<td>{chosen['measures']['top1']:.4g}</td>" in explored
+    texts = re.findall(r"<text[^>]*>([^<]*)</text>", page)
+    assert "budget top1&gt;=0.9" in texts and "top1" in texts and f"chosen: {chosen['label']}" in texts
+    tags = parsed(page)
+    assert tags.errors == [] and len(tags.ids) == len(set(tags.ids))
+
+
+def test_reasons_that_differ_only_in_numbers_and_names_are_one_group():
+    assert reason_shape("rank 12 does not pay for 40×30: 12·70 ≥ 1200") == "rank N does not pay for N×N: N·N ≥ N"
+    assert reason_shape("ranges already match '/a/Conv'") == "ranges already match '…'"
+    assert reason_shape("op type int8 at /features.1/Conv") == "op type int8 at /features.1/Conv"
+    refused = [
+        {
+            "pass": "low-rank-gemm",
+            "node": f"/l{i}/MatMul",
+            "op_type": "MatMul",
+            "knob": "rank=8",
+            "reason": f"rank 8 does not pay for {n}×{n}",
+        }
+        for i, n in enumerate((10, 12, 12))
+    ] + [
+        {"pass": "quantize-qdq", "node": "/x/Softmax", "op_type": "Softmax", "knob": "int8", "reason": "no int8 kernel"}
+    ]
+    page = render_html_report({"refused": refused})
+    assert '<summary><span class="count">3</span> rank N does not pay for N×N</summary>' in page
+    assert "<th>pass</th><th>node</th><th>op</th><th>knob</th><th>reason</th>" in page  # the group's exact reasons
+    assert '<td class="name">rank 8 does not pay for 10×10</td>' in page
+    assert '<summary><span class="count">1</span> no int8 kernel</summary>' in page
+    assert "<th>pass</th><th>node</th><th>op</th><th>knob</th></tr>" in page  # one exact reason: no column
+
+
+def test_header_tells_steps_timings_and_a_missed_budget():
+    data = {"budget": "top1>=0.99", "objective": "macs", "within_budget": False,
+            "baseline": {"size": 1000, "objective": 5.0e6}, "result": {"size": 400, "objective": 2.0e6, "steps": 7, "of_steps": 12},
+            "timings": {"sensitivity_s": 12.34, "total_s": 20.0}}  # fmt: skip
+    page = render_html_report(data)
+    assert '<p class="warning">The budget was not met: this is the best plan found.</p>' in page
+    assert "<dt>plan steps</dt><dd>7 of 12</dd>" in page
+    assert "<dt>time</dt><dd>sensitivity 12.3 s, total 20.0 s</dd>" in page
+    assert (
+        '<td class="name">objective (macs)</td><td title="5,000,000">5.00 M</td><td title="2,000,000">2.00 M</td>'
+        in page
+    )
+    same = render_html_report(
+        {"objective": "size", "baseline": {"size": 10, "objective": 10}, "result": {"size": 5, "objective": 5}}
+    )
+    assert "objective (size)" not in same and '<td class="name">size</td>' in same
+
+
+def test_pass_table_counts_rewrites_and_explains_a_rollback():
+    passes = [
+        {"name": "prune-channels", "status": "rolled back", "reason": "top1 0.91 < 0.99", "rewritten": 3, "refused": 1}
+    ]
+    page = render_html_report({"passes": passes})
+    assert '<td title="top1 0.91 &lt; 0.99">rolled back</td><td>3</td><td>1</td>' in page
+    assert "<th>status</th><th>rewritten</th><th>refused</th>" in page
+
+
+def test_budget_line_follows_the_measure_the_budget_names():
+    assert BudgetLine.measure_key("sqnr>=30,top1>=0.9") == "sqnr_db"
+    assert BudgetLine.measure_key("maxabs<=0.1") == "max_abs" and BudgetLine.measure_key(None) is None
+    drop = BudgetLine.parse("metric_drop<=0.02", {"metric": {"metric": 0.76}})
+    assert drop.metric == "metric" and drop.threshold == pytest.approx(0.74, abs=1e-12) and drop.higher_is_better
+    assert BudgetLine.parse("metric_drop<=0.02", {}) is None  # no baseline value: no line
+    explored = [
+        {
+            "label": "k=0",
+            "objective": 100.0,
+            "damage": 0.0,
+            "metric": None,
+            "measures": {"sqnr_db": "inf", "top1": 1.0},
+        },
+        {
+            "label": "k=1",
+            "objective": 60.0,
+            "damage": 1e-3,
+            "metric": None,
+            "measures": {"sqnr_db": 30.0, "top1": 0.95},
+        },
+    ]
+    page = render_html_report({"budget": "sqnr>=25", "explored": explored, "chosen": 1})
+    assert "<td>inf</td>" in page and "<td>30</td>" in page  # the metric column shows sqnr_db
+    texts = re.findall(r"<text[^>]*>([^<]*)</text>", page)
+    assert "budget sqnr&gt;=25" in texts and "sqnr" in texts
+    assert '<th>#</th><th>point</th><th>objective</th><th>damage</th><th>sqnr</th>' in page
