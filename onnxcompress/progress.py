@@ -3,6 +3,7 @@
 ``for feed in progress(feeds, desc="calibrating"): ...`` yields the items of the iterable;
 ``with progress(total=n, desc="search") as bar: ... bar.update(k)`` counts by hand. When stderr
 is not a terminal (a pipe, a file, a test capturing output) nothing at all is written.
+:class:`StageBars` turns a ``callback(stage, done, total)`` (as ``tune`` reports) into bars.
 """
 
 from __future__ import annotations
@@ -87,3 +88,30 @@ def _is_terminal(stream: TextIO | None) -> bool:
         return stream is not None and stream.isatty()
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+
+
+class StageBars:
+    """A ``(stage, done, total)`` callback drawing one bar per stage; a new stage closes the
+    bar of the one before. ``done`` is taken as the position, so a stage may move back (a
+    bisection reports the plan size it tries). Use as a context manager to close the last bar."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream, self.stage, self.bar = stream, None, None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
+            self.stage, self.bar = stage, Progress(total=total, desc=stage, stream=self.stream)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> "StageBars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.stage, self.bar = None, None

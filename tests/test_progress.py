@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from onnxcompress.progress import Progress, progress
+from onnxcompress.progress import Progress, StageBars, progress
 
 
 class Terminal(io.StringIO):
@@ -97,3 +97,26 @@ def test_a_loop_that_breaks_closes_the_bar():
         if item == 2:
             break
     assert stream.getvalue().endswith("\n")
+
+
+def test_stage_bars_draw_one_line_per_stage_on_a_terminal():
+    stream = Terminal()
+    with StageBars(stream) as report:
+        for done in range(1, 5):
+            report("sensitivity", done, 4)
+        for k in (6, 3, 5, 4):  # a bisection moves back and forth
+            report("search", k, 6)
+    lines = stream.getvalue().split("\n")
+    assert len(lines) == 3 and lines[2] == ""
+    assert lines[0].split("\r")[-1].startswith("sensitivity: [") and " 4/4 100% " in lines[0]
+    assert lines[1].split("\r")[-1].startswith("search: [") and " 4/6  67% " in lines[1]
+
+
+def test_stage_bars_are_silent_off_a_terminal(capsys):
+    stream = io.StringIO()
+    with StageBars(stream) as report:
+        report("sensitivity", 1, 2)
+        report("search", 2, 2)
+    with StageBars() as report:  # stderr, captured here
+        report("sensitivity", 1, 1)
+    assert stream.getvalue() == "" and capsys.readouterr() == ("", "")
