@@ -197,19 +197,12 @@ class _FirstBreak(Instrument):
 
 
 def drift_from_report(values: dict) -> Drift:
-    """The Drift a report holds (``Drift.to_dict``: infinities as the text "inf").
-
-    An infinite SQNR is +inf only when nothing differs (max-abs 0); otherwise the reference
-    was all zeros and the SQNR is -inf.
-    """
+    """The Drift a report holds (``Drift.to_dict``: infinities as the text "inf" or "-inf")."""
     def number(key: str) -> float:
-        value = values[key]
-        return math.inf if value == "inf" else float(value)
+        return float(values[key])  # float() reads "inf" and "-inf"
 
     sqnr = number("sqnr_db")
     max_abs = number("max_abs")
-    if math.isinf(sqnr) and max_abs > 0:
-        sqnr = -math.inf
     top1 = values.get("top1")
     return Drift(sqnr, max_abs, number("cosine"), None if top1 is None else float(top1))
 

@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     tun.add_argument("input", help="the ONNX model (never modified)")
     tun.add_argument("-o", "--output", required=True, help="the tuned model; its plan (.plan.json) and record (.tune.json) go beside it")
     _add_calibration_args(tun)
+    tun.add_argument("--validation", metavar="FILE_OR_DIR",
+                     help="feeds to measure drift on (default: the second half of the calibration feeds; the passes calibrate on the first)")
     tun.add_argument("--budget", required=True,
                      help="what the plan must keep, e.g. 'top1>=0.99', 'sqnr>=30,cosine>=0.999', 'metric_drop<=0.005' (with --metric)")
     tun.add_argument("--objective", choices=("size", "latency", "macs"), default="size",
@@ -246,7 +248,7 @@ def _tune(args) -> int:
 
     try:
         result = tune(args.input, args.calib, args.budget, args.objective, args.knobs or DEFAULT_KNOBS,
-                      args.jobs, args.metric, args.best_effort, args.base, args.calib_limit, progress)
+                      args.jobs, args.metric, args.best_effort, args.base, args.calib_limit, args.validation, progress)
     except MetricError as exc:
         if exc.details:
             print(exc.details.rstrip(), file=sys.stderr)

@@ -27,7 +27,7 @@ class Drift:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
+        return {k: (("inf" if v > 0 else "-inf") if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
 
 
 def format_db(value: float) -> str:

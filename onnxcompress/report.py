@@ -124,7 +124,7 @@ def _drift_cell(drift: dict | None) -> str:
     if not drift:
         return "-"
     sqnr = drift.get("sqnr_db")
-    text = "inf dB" if sqnr == "inf" else f"{sqnr:.1f} dB"
+    text = f"{sqnr} dB" if isinstance(sqnr, str) else f"{sqnr:.1f} dB"
     if drift.get("top1") is not None:
         text += f" top1 {drift['top1']:.3f}"
     return text

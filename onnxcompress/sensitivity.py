@@ -1,8 +1,8 @@
 """Sensitivity analysis: the drift and the saving of each knob when only that node changes.
 
 A probe runs the knob's one-node pipeline (:func:`onnxcompress.knobs.probe_pipeline`) on the
-normalised model and measures, with onnxruntime on the calibration feeds, the outputs' drift
-against the normalised model's. Its *damage* is the relative noise power of the worst output,
+normalised model, the passes calibrating on the *fit* feeds, and measures with onnxruntime on
+the held-out *check* feeds the outputs' drift against the normalised model's. Its *damage* is the relative noise power of the worst output,
 ``Σ(y − y')² / Σy²`` = 10^(−SQNR/10): noise powers of independent changes add, which is what
 the search relies on. The *saving* is what the objective gains: constant bytes (``size``),
 MACs (``macs``), or MACs weighted by the measured int8 speed-up (``latency``, an estimate:
@@ -102,14 +102,18 @@ def _reads_dequantized_weight(node: ir.Node) -> bool:
 
 
 class Prober:
-    """Runs probes on one normalised model; picklable state for worker processes."""
+    """Runs probes on one normalised model. The passes calibrate on ``feeds``; the drift is
+    measured on ``check_feeds`` (held out: a pass that fits its feeds, as reconstruction does,
+    would look exact on them)."""
 
-    def __init__(self, model: ir.Model, feeds: list[dict], objective: Objective, threads: int = 2):
+    def __init__(self, model: ir.Model, feeds: list[dict], check_feeds: list[dict], objective: Objective, threads: int = 2):
         self.model = model
         self.feeds = feeds
+        self.check_feeds = check_feeds
         self.objective = objective
         self.runner = CachedRunner(model, feeds, threads)
-        self.reference = self.runner.reference
+        self.checker = CachedRunner(model, check_feeds, threads)
+        self.reference = self.checker.reference
         self.base_objective = objective(model)
 
     def probe(self, knob: Knob) -> ProbeResult:
@@ -130,7 +134,7 @@ class Prober:
             reason = next((r.detail for r in mine if r.action == "refused"), "the pass did not rewrite it")
             return ProbeResult(knob, "refused", reason)
         saving = self.base_objective - self.objective(model)  # before the run cuts the model
-        drift = worst(output_drift(self.reference, self.runner.run(model)))
+        drift = worst(output_drift(self.reference, self.checker.run(model)))
         return ProbeResult(knob, "rewritten", "", damage_of(drift), drift, saving)
 
 
@@ -145,16 +149,26 @@ def run_pipeline(model: ir.Model, text: str, feeds, pass_name: str | None = None
 # ------------------------------------------------------------------------------- parallel probes
 
 _WORKER: Prober | None = None
+_WORKER_ERROR: str = ""
 
 
-def _init_worker(model_bytes: bytes, feeds, objective: Objective, threads: int) -> None:
-    global _WORKER
-    from onnxcompress.modelio import load_model
+def _init_worker(model_bytes: bytes, feeds, check_feeds, objective: Objective, threads: int) -> None:
+    # An initializer that raises makes the pool start a new worker, forever: keep the error
+    # and report it from the first task instead.
+    global _WORKER, _WORKER_ERROR
+    try:
+        import onnx
 
-    _WORKER = Prober(load_model(model_bytes), feeds, objective, threads)
+        from onnxcompress.modelio import load_model
+
+        _WORKER = Prober(load_model(onnx.load_from_string(model_bytes)), feeds, check_feeds, objective, threads)
+    except Exception as exc:
+        _WORKER_ERROR = f"{type(exc).__name__}: {exc}"
 
 
 def _work(knob: Knob) -> ProbeResult:
+    if _WORKER is None:
+        raise RuntimeError(f"a probe worker could not start: {_WORKER_ERROR}")
     return _WORKER.probe(knob)
 
 
@@ -173,7 +187,7 @@ def run_probes(
 
     threads = max(1, (os.cpu_count() or 2) // jobs)
     context = multiprocessing.get_context("spawn")
-    args = (model_bytes(prober.model), prober.feeds, prober.objective, threads)
+    args = (model_bytes(prober.model), prober.feeds, prober.check_feeds, prober.objective, threads)
     by_position: dict[int, ProbeResult] = {}
     with context.Pool(jobs, initializer=_init_worker, initargs=args) as pool:
         for i, result in pool.imap_unordered(_indexed, list(enumerate(knobs))):

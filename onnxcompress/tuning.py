@@ -6,17 +6,20 @@ the best objective within a budget.
 
 1. normalise the model (``base``, the ``default`` preset);
 2. sensitivity (:mod:`onnxcompress.sensitivity`): every candidate node at every knob level
-   alone, drift and saving measured with onnxruntime on the calibration feeds;
+   alone, drift and saving measured with onnxruntime. The passes calibrate on the first half
+   of the calibration feeds (the *fit* feeds) and drift is measured on the other half (the
+   *check* feeds), or on ``validation`` data when given: reconstruction fits its feeds, so
+   drift measured on them would call an over-fitted layer exact;
 3. selection (:mod:`onnxcompress.search`): the greedy order of the sensitivity table, then
    verification runs of whole plans, bisecting to the largest plan within the budget;
 4. the chosen plan as a pipeline string (and plan file) that ``optimize`` runs to the same
-   model, bit for bit, from the same input and calibration feeds.
+   model, bit for bit, from the same input and the fit feeds.
 
 Budgets (comma-separated, all must hold): ``top1>=X``, ``cosine>=X``, ``sqnr>=DB``,
-``maxabs<=X`` on the calibration feeds against the original, and with a user metric
+``maxabs<=X`` on the check feeds against the original, and with a user metric
 (``metric=module:function``, called with a model path, higher is better) ``metric>=X`` or
 ``metric_drop<=X`` (at most X below the original's value). Probes always use the drift on
-the calibration feeds (a user metric per probe would cost a full evaluation each); the user
+the check feeds (a user metric per probe would cost a full evaluation each); the user
 metric judges the verification runs.
 
 A cluster backend would slot in where :func:`onnxcompress.sensitivity.run_probes` maps probes
@@ -44,7 +47,7 @@ import onnx_ir as ir
 
 from onnxcompress import calibration as calib
 from onnxcompress.api import Result, compress
-from onnxcompress.errors import DriftBudgetError, OnnxCompressError
+from onnxcompress.errors import CalibrationError, DriftBudgetError, OnnxCompressError
 from onnxcompress.knobs import DEFAULT_KNOBS, candidate_knobs, parse_families, plan_pipeline
 from onnxcompress.metrics import DriftBudget, output_drift, worst
 from onnxcompress.modelio import load_model, save_model, write_atomically
@@ -178,6 +181,8 @@ class TuneResult:
     timings: dict
     within_budget: bool = True
     source: str = ""
+    fit_feeds: int = 0
+    check_feeds: int = 0
 
     def to_dict(self) -> dict:
         front = pareto_front(self.points)
@@ -200,8 +205,10 @@ class TuneResult:
         stem = path.with_suffix("")
         written = {"model": save_model(self.model, path)}
         written["plan"] = write_plan(self.pipeline_object(), f"{stem}.plan.json", budget=self.budget,
-                                     objective=self.objective, tuned_from=self.source,
-                                     note="run it with the same calibration feeds to get the same model")
+                                     objective=self.objective, tuned_from=self.source, fit_feeds=self.fit_feeds,
+                                     note=f"the passes calibrated on the first {self.fit_feeds} calibration feeds: "
+                                          f"run the plan with those (--calib DATA --calib-limit {self.fit_feeds}) "
+                                          "to get the same model")
         data = self.to_dict()
         written["record"] = write_atomically(Path(f"{stem}.tune.json"), (json.dumps(_finite(data), indent=2) + "\n").encode())
         if html is not None:
@@ -237,6 +244,7 @@ def tune(
     best_effort: bool = False,
     base: str = "default",
     calibration_limit: int | None = None,
+    validation=None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> TuneResult:
     """Tune ``model`` (path, ModelProto or ir.Model; never modified); see the module docstring."""
@@ -251,11 +259,12 @@ def tune(
     metric_fn = load_metric(metric) if isinstance(metric, str) else metric
     if budget.needs_metric and metric_fn is None:
         raise OnnxCompressError(f"budget '{budget}' names the metric: give --metric module:function")
-    feeds = calib.load_calibration(calibration, original, calibration_limit)
+    feeds, check_feeds = _fit_and_check(calib.load_calibration(calibration, original, calibration_limit), validation, original)
     normalised, _ = run_pipeline(original, base, feeds) if base else (original.clone(), [])
     objective_fn = Objective(objective, _input_shapes(normalised, feeds))
-    prober = Prober(normalised, feeds, objective_fn, threads=max(1, (os.cpu_count() or 2) // jobs) if jobs > 1 else 2)
-    reference_outputs = run_all(make_session(original), feeds)
+    threads = max(1, (os.cpu_count() or 2) // jobs) if jobs > 1 else 2
+    prober = Prober(normalised, feeds, check_feeds, objective_fn, threads)
+    reference_outputs = run_all(make_session(original), check_feeds)
     baseline_metric = _call_metric(metric_fn, original) if metric_fn else None
     timings["setup_s"] = time.perf_counter() - start
 
@@ -280,7 +289,7 @@ def tune(
         pipeline = plan_pipeline(base, families, plan_at(order, k))
         run = compress(original, pipeline, calibration=feeds)
         candidate = run.model
-        drift = worst(output_drift(reference_outputs, run_all(make_session(candidate), feeds)))
+        drift = worst(output_drift(reference_outputs, run_all(make_session(candidate), check_feeds)))
         value = _call_metric(metric_fn, candidate) if metric_fn and budget.needs_metric else None
         problems = budget.violations(drift, value, baseline_metric)
         measures = drift.to_dict()
@@ -311,7 +320,20 @@ def tune(
     timings["total_s"] = time.perf_counter() - start
     passes = [p.to_dict() for p in final.report.passes]
     return TuneResult(final.model, chosen.pipeline, str(budget), objective, baseline, result, probes, points, chosen,
-                      passes, timings, within, source)
+                      passes, timings, within, source, len(feeds), len(check_feeds))
+
+
+def _fit_and_check(feeds: list[dict], validation, model: ir.Model) -> tuple[list[dict], list[dict]]:
+    """The feeds the passes calibrate on, and the held-out feeds drift is measured on: the
+    ``validation`` data when given, else the second half of the calibration feeds."""
+    if validation is not None:
+        return feeds, calib.load_calibration(validation, model)
+    if len(feeds) < 2:
+        raise CalibrationError(
+            f"tune measures drift on feeds the passes did not calibrate on: give at least 2 calibration feeds "
+            f"(got {len(feeds)}; an .npz array with one more leading axis is a stack of feeds) or --validation DATA")
+    fit = (len(feeds) + 1) // 2
+    return feeds[:fit], feeds[fit:]
 
 
 def _input_shapes(model: ir.Model, feeds: list[dict]) -> dict:
