@@ -230,25 +230,17 @@ def _bisect_auto(args, pipeline) -> int:
 
 def _tune(args) -> int:
     from onnxcompress.knobs import DEFAULT_KNOBS
-    from onnxcompress.progress import Progress
+    from onnxcompress.progress import StageBars
     from onnxcompress.tuning import MetricError, tune
 
     if Path(args.input).resolve() == Path(args.output).resolve():
         raise OnnxCompressError("the output must not be the input file: the input is never modified")
     if not args.calib:
         raise OnnxCompressError("tune needs calibration data: --calib FILE_OR_DIR")
-    bars: dict[str, Progress] = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if stage == "sensitivity":
-            bar = bars.setdefault(stage, Progress(total=total, desc="sensitivity"))
-            bar.update(1)
-            if done == total:
-                bar.close()
-
     try:
-        result = tune(args.input, args.calib, args.budget, args.objective, args.knobs or DEFAULT_KNOBS,
-                      args.jobs, args.metric, args.best_effort, args.base, args.calib_limit, args.validation, progress)
+        with StageBars() as bars:
+            result = tune(args.input, args.calib, args.budget, args.objective, args.knobs or DEFAULT_KNOBS,
+                          args.jobs, args.metric, args.best_effort, args.base, args.calib_limit, args.validation, bars)
     except MetricError as exc:
         if exc.details:
             print(exc.details.rstrip(), file=sys.stderr)

@@ -80,15 +80,19 @@ FAMILIES: dict[str, Family] = {
         _family("low-rank", "low-rank-conv", "structure", [], "ratio", (0.5, 0.25), "rank {}"),
         _family("low-rank-gemm", "low-rank-gemm", "structure", [], "ratio", (0.5, 0.25), "rank {}"),
         _family("int8", "quantize-qdq", "precision", [("calibration", "mse")], "", ("int8",), "{}"),
-        _family("int4", "quantize-weights-int4", "precision", [], "", ("int4",), "{}"),
+        _family("int8-dynamic", "quantize-dynamic", "precision", [("mixed", "true")], "", ("int8-dynamic",), "{}"),
+        _family("int4", "quantize-weights-int4", "precision", [("mixed", "true")], "", ("int4",), "{}"),
     )
 }
 
 DEFAULT_KNOBS = "int8,prune,low-rank,low-rank-gemm"
+WEIGHT_ONLY = {"int4", "int8-dynamic"}
 
 
 def parse_families(text: str) -> list[Family]:
-    """Families from a comma-separated list of names (``--knobs``); at most one precision family."""
+    """Families from a comma-separated list of names (``--knobs``). Precision families combine
+    only when all are weight-only (int4, int8-dynamic: each node gets one of them, the second
+    pass quantizing what the first left in float); int8 (QDQ) stands alone."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise OnnxCompressError(f"--knobs: name at least one of {', '.join(FAMILIES)}")
@@ -97,9 +101,9 @@ def parse_families(text: str) -> list[Family]:
         raise OnnxCompressError(f"--knobs: unknown knob '{unknown[0]}'; knobs: {', '.join(FAMILIES)}")
     families = [FAMILIES[n] for n in dict.fromkeys(names)]
     precision = [f.name for f in families if f.slot == "precision"]
-    if len(precision) > 1:
-        raise OnnxCompressError(f"--knobs: give one precision knob, not {' and '.join(precision)}: "
-                                "a model quantized by one pass is left alone by the other")
+    if len(precision) > 1 and not set(precision) <= WEIGHT_ONLY:
+        raise OnnxCompressError(f"--knobs: {' and '.join(precision)} do not combine: int8 (QDQ) quantizes "
+                                "activations too; only the weight-only int4 and int8-dynamic mix per node")
     return families
 
 

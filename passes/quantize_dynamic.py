@@ -56,6 +56,9 @@ class QuantizeDynamicOptions(PassOptions):
                  "without VNNI)")
     tables: bool = option(True, "also store float Gather tables (embeddings) as uint8 with a "
                                 "scale and zero point per row")
+    mixed: bool = option(False, "also quantize the float weights left in a model that is already partly "
+                                "quantized (mixed precision per node); weights already quantized are "
+                                "never touched. false: a quantized model is left alone")
     min_elements: int = option(0, "leave weights and tables with fewer elements alone")
     exclude: str = option("", "regular expression: nodes whose name matches are left alone")
 
@@ -114,7 +117,8 @@ class QuantizeDynamic(CompressionPass):
     relative; a table already on its per-row uint8 grid is reproduced to float rounding.
     Folding a bias changes nothing beyond float rounding.
 
-    Refused, with the reason: a model already quantized (nothing is touched); a weight that
+    Refused, with the reason: a model already quantized (nothing is touched, unless
+    ``mixed=true``: then only its float weights and tables are quantized); a weight that
     is not a constant initializer (attention's activation × activation products), not
     2-D, not float32, or also read by another kind of node (or transposed by one reader and
     not by another); Gemm with ``transA=1``, ``alpha≠1``, or a ``C`` that is not a
@@ -137,7 +141,7 @@ class QuantizeDynamic(CompressionPass):
     lossless = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.left_alone_as_quantized(model):
+        if not self.options.mixed and self.left_alone_as_quantized(model):
             return ir.passes.PassResult(model, modified=False)
         names = Names(model)
         outcomes = Outcomes(model)
@@ -169,7 +173,7 @@ class QuantizeDynamic(CompressionPass):
 
     def candidates(self, model: ir.Model) -> list[Candidate]:
         model = prepared(model, self.prerequisites)
-        if quantized_reason(model):
+        if not self.options.mixed and quantized_reason(model):
             return []
         ignore = lambda node, reason: None  # noqa: E731
         out = []

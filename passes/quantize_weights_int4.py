@@ -41,6 +41,9 @@ class QuantizeWeightsInt4Options(PassOptions):
     accuracy_level: int = option(4, "MatMulNBits' accuracy_level: 4 quantizes the activations to int8 "
                                     "per block at run time (faster), 0 or 1 computes in float32; 2 and "
                                     "3 (float16, bfloat16) fall back to float32 on x86")
+    mixed: bool = option(False, "also quantize the float weights left in a model that is already partly "
+                                "quantized (mixed precision per node); weights already quantized are "
+                                "never touched. false: a quantized model is left alone")
     min_elements: int = option(0, "leave weights with fewer elements alone")
     exclude: str = option("", "regular expression: nodes whose name matches are left alone")
 
@@ -83,7 +86,8 @@ class QuantizeWeightsInt4(CompressionPass):
     reaching 0 and 15, or ±7 when symmetric) reproduces the float MatMul to 1e-5 relative
     with ``accuracy_level=0``.
 
-    Refused, with the reason: a model already quantized (nothing is touched); a weight
+    Refused, with the reason: a model already quantized (nothing is touched, unless
+    ``mixed=true``: then only its float weights are quantized); a weight
     that is not a constant initializer (attention's activation × activation products),
     not 2-D, not float32, or also read by another kind of node (or transposed by one reader
     and not by another); Gemm with ``transA=1``, ``alpha≠1``, or a ``C`` that is not a
@@ -104,7 +108,7 @@ class QuantizeWeightsInt4(CompressionPass):
     lossless = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.left_alone_as_quantized(model):
+        if not self.options.mixed and self.left_alone_as_quantized(model):
             return ir.passes.PassResult(model, modified=False)
         names = Names(model)
         outcomes = Outcomes(model)
@@ -128,7 +132,7 @@ class QuantizeWeightsInt4(CompressionPass):
 
     def candidates(self, model: ir.Model) -> list[Candidate]:
         model = prepared(model, self.prerequisites)
-        if quantized_reason(model):
+        if not self.options.mixed and quantized_reason(model):
             return []
         out = []
         for sites in weight_sites(model, self.options, lambda node, reason: None, self.skipped_by_plan).values():

@@ -159,3 +159,19 @@ def test_a_plan_file_that_includes_itself_is_refused(tmp_path):
 def test_plan_to_text_of_pipeline_to_plan_is_the_pipeline():
     pipeline = Pipeline.parse("default,low-rank-gemm{ratio=0.25,@x{energy=0.5}}")
     assert plan_to_text(pipeline_to_plan(pipeline)) == str(pipeline)
+
+
+def test_mixed_precision_per_node_int4_then_int8_dynamic():
+    """int4 on one MatMul, dynamic int8 on the other: the second pass takes only the float
+    weight left (mixed=true); without it, it leaves the partly quantized model alone."""
+    text = ("quantize-weights-int4{mixed=true,@mm1{},@.*{skip=true}},"
+            "quantize-dynamic{mixed=true,@mm2{},@.*{skip=true}}")
+    result = onnxcompress.compress(_two_matmuls(), text)
+    ops = [n.op_type for n in result.model.graph]
+    assert ops == ["MatMulNBits", "DynamicQuantizeMatMul"]
+    by_pass = {p.name: p for p in result.report.passes}
+    assert by_pass["quantize-dynamic"].status == "changed"
+    assert [r.node for r in by_pass["quantize-dynamic"].records if r.action == "rewritten"] == ["mm2"]
+    guarded = onnxcompress.compress(_two_matmuls(), text.replace("quantize-dynamic{mixed=true,", "quantize-dynamic{"))
+    second = next(p for p in guarded.report.passes if p.name == "quantize-dynamic")
+    assert second.status == "unchanged" and any("already quantized" in n for n in second.notes)

@@ -183,7 +183,7 @@ def test_probe_and_plan_pipelines_parse_and_name_only_their_nodes():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("", "name at least one"), ("int8,fp16", "unknown knob 'fp16'"), ("int8,int4", "give one precision knob")])
+    ("", "name at least one"), ("int8,fp16", "unknown knob 'fp16'"), ("int8,int4", "int8 and int4 do not combine")])
 def test_bad_knob_lists(text, message):
     with pytest.raises(OnnxCompressError, match=re.escape(message)):
         parse_families(text)
