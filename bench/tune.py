@@ -28,7 +28,6 @@ from common import latency_ratio, markdown_table  # noqa: E402
 
 import models  # noqa: E402
 import onnxcompress  # noqa: E402
-from onnxcompress.modelio import load_model  # noqa: E402
 from onnxcompress.sensitivity import constant_bytes  # noqa: E402
 
 SETTINGS = {

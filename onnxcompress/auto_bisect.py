@@ -30,7 +30,6 @@ restricted culprit, as canonical pipeline text that parses back to itself.
 from __future__ import annotations
 
 import dataclasses
-import math
 import shlex
 from typing import Sequence
 

@@ -21,3 +21,15 @@ def test_ci_runs_the_readme_test_command():
 
 def test_print_pipeline_example_is_true():
     assert str(Pipeline.parse("prune-channels{ratio=0.30}")) == "lift-constants,fold-batchnorm,infer-shapes,prune-channels"
+
+
+def test_per_node_examples_parse_and_print_back():
+    text = README.read_text()
+    block = text.split("**Per-node options.**", 1)[1].split("```", 2)[1]
+    lines = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    assert len(lines) == 3
+    for line in lines:
+        entry = [e for e in Pipeline.parse(line)][-1]
+        assert entry.overrides, line
+        printed = str(Pipeline.parse(line))
+        assert str(Pipeline.parse(printed)) == printed

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 import textwrap
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from onnxcompress.runtime import make_session, run_all
 from onnxcompress.search import Point, bisect_plans, greedy_order, pareto_front, plan_at, predicted
 from onnxcompress.sensitivity import ProbeResult, damage_of, run_pipeline
 from onnxcompress.metrics import Drift
-from onnxcompress.tuning import BudgetUnreachable, MetricError, TuneBudget, tune
+from onnxcompress.tuning import TuneBudget, tune
 
 DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
 DIGITS_CALIB = DIGITS.with_name("digits_calib.npz")
