@@ -32,7 +32,7 @@ from onnxcompress.sensitivity import constant_bytes  # noqa: E402
 
 SETTINGS = {
     # model: (budget on the check feeds, knobs, metric key, target: (kind, value))
-    "mobilenet_v2": ("top1>=0.99", "int8,prune,low-rank,low-rank-gemm", "top1_agreement", ("at_least", 0.99)),
+    "mobilenet_v2": ("top1>=0.99,sqnr>=36", "share,prune,low-rank,low-rank-gemm", "top1_agreement", ("at_least", 0.99)),
     "minilm_l6": ("cosine>=0.995", "int4,int8-dynamic,low-rank-gemm", "accuracy", ("drop_at_most", 0.005)),
     "fmnist_cnn": ("top1>=0.99", "int8,prune,low-rank,low-rank-gemm", "accuracy", ("drop_at_most", 0.01)),
 }

@@ -80,6 +80,7 @@ FAMILIES: dict[str, Family] = {
         _family("low-rank", "low-rank-conv", "structure", [], "ratio", (0.5, 0.25), "rank {}"),
         _family("low-rank-gemm", "low-rank-gemm", "structure", [], "ratio", (0.5, 0.25), "rank {}"),
         _family("int8", "quantize-qdq", "precision", [("calibration", "mse")], "", ("int8",), "{}"),
+        _family("share", "cluster-weights", "precision", [("form", "indexed")], "clusters", (256,), "share {}"),
         _family("int8-dynamic", "quantize-dynamic", "precision", [("mixed", "true")], "", ("int8-dynamic",), "{}"),
         _family("int4", "quantize-weights-int4", "precision", [("mixed", "true")], "", ("int4",), "{}"),
     )
