@@ -93,7 +93,7 @@ WEIGHT_ONLY = {"int4", "int8-dynamic"}
 def parse_families(text: str) -> list[Family]:
     """Families from a comma-separated list of names (``--knobs``). Precision families combine
     only when all are weight-only (int4, int8-dynamic: each node gets one of them, the second
-    pass quantizing what the first left in float); int8 (QDQ) stands alone."""
+    pass quantizing what the first left in float); int8 (QDQ) and share stand alone."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise OnnxCompressError(f"--knobs: name at least one of {', '.join(FAMILIES)}")
@@ -103,8 +103,9 @@ def parse_families(text: str) -> list[Family]:
     families = [FAMILIES[n] for n in dict.fromkeys(names)]
     precision = [f.name for f in families if f.slot == "precision"]
     if len(precision) > 1 and not set(precision) <= WEIGHT_ONLY:
-        raise OnnxCompressError(f"--knobs: {' and '.join(precision)} do not combine: int8 (QDQ) quantizes "
-                                "activations too; only the weight-only int4 and int8-dynamic mix per node")
+        raise OnnxCompressError(f"--knobs: {' and '.join(precision)} do not combine: only the weight-only "
+                                "int4 and int8-dynamic mix per node (int8 quantizes activations too; share "
+                                "turns weights into Gathers the quantizers refuse)")
     return families
 
 

@@ -181,8 +181,15 @@ def test_probe_and_plan_pipelines_parse_and_name_only_their_nodes():
     assert entries.index("prune-channels") < entries.index("quantize-qdq")  # structure before precision
 
 
+def test_weight_only_precisions_combine_per_node():
+    families = parse_families("int4,int8-dynamic,prune")
+    assert [f.pass_name for f in families] == ["quantize-weights-int4", "quantize-dynamic", "prune-channels"]
+    assert all(("mixed", "true") in f.base for f in families if f.slot == "precision")
+
+
 @pytest.mark.parametrize("text, message", [
-    ("", "name at least one"), ("int8,fp16", "unknown knob 'fp16'"), ("int8,int4", "int8 and int4 do not combine")])
+    ("", "name at least one"), ("int8,fp16", "unknown knob 'fp16'"), ("int8,int4", "int8 and int4 do not combine"),
+    ("share,int8", "share and int8 do not combine")])
 def test_bad_knob_lists(text, message):
     with pytest.raises(OnnxCompressError, match=re.escape(message)):
         parse_families(text)
@@ -257,6 +264,14 @@ def test_best_effort_writes_the_best_plan_and_exits_non_zero(tmp_path, stacked_c
     code = cli.main(["tune", str(DIGITS), "-o", str(out), "--calib", str(stacked_calib), "--budget", "sqnr>=400",
                      "--knobs", "int8", "--best-effort"])
     assert code == 1 and out.exists() and (tmp_path / "best.plan.json").exists()
+
+
+def test_the_share_knob_stores_weights_as_indices(stacked_calib):
+    result = tune(str(DIGITS), _digits_feeds(), "sqnr>=30", "size", knobs="share")
+    assert result.within_budget and result.chosen.k > 0
+    ops = [n.op_type for n in result.model.graph]
+    assert "Gather" in ops and "QuantizeLinear" not in ops
+    assert result.result["size"] < result.baseline["size"] / 2
 
 
 def test_a_user_metric_judges_the_plans(tmp_path):
