@@ -37,6 +37,11 @@ class Family:
     base: tuple[tuple[str, str], ...]  # options of the pass for every node it touches
     levels: tuple[tuple[tuple[str, str], ...], ...]  # per-node override items, one per level
     labels: tuple[str, ...]
+    only_for: tuple[tuple[str, ...], ...] = ()  # per level, the op types it applies to (empty: all)
+
+    def applies(self, level: int, op_type: str) -> bool:
+        ops = self.only_for[level] if level < len(self.only_for) else ()
+        return not ops or op_type in ops
 
     def entry_text(self, chosen: dict[str, int]) -> str:
         """The pipeline entry applying level ``chosen[node]`` to each chosen node only."""
@@ -81,7 +86,8 @@ FAMILIES: dict[str, Family] = {
         _family("low-rank-gemm", "low-rank-gemm", "structure", [], "ratio", (0.5, 0.25), "rank {}"),
         _family("int8", "quantize-qdq", "precision", [("calibration", "mse")], "", ("int8",), "{}"),
         _family("share", "cluster-weights", "precision", [("form", "indexed")], "clusters", (256,), "share {}"),
-        _family("int8-dynamic", "quantize-dynamic", "precision", [("mixed", "true")], "", ("int8-dynamic",), "{}"),
+        Family("int8-dynamic", "quantize-dynamic", "precision", (("mixed", "true"),),
+               ((), (("table_bits", "4"),)), ("int8-dynamic", "int4 table"), ((), ("Gather",))),
         _family("int4", "quantize-weights-int4", "precision", [("mixed", "true")], "", ("int4",), "{}"),
     )
 }
@@ -120,7 +126,8 @@ def candidate_knobs(model: ir.Model, families: Iterable[Family]) -> list[Knob]:
             if candidate.node.startswith("<") or candidate.node in seen:
                 continue
             seen.add(candidate.node)
-            knobs += [Knob(family, level, candidate.node, candidate.op_type) for level in range(len(family.levels))]
+            knobs += [Knob(family, level, candidate.node, candidate.op_type)
+                      for level in range(len(family.levels)) if family.applies(level, candidate.op_type)]
     return knobs
 
 

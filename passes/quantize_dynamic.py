@@ -56,6 +56,10 @@ class QuantizeDynamicOptions(PassOptions):
                  "without VNNI)")
     tables: bool = option(True, "also store float Gather tables (embeddings) as uint8 with a "
                                 "scale and zero point per row")
+    table_bits: int = option(8, "bits per table element: 8 (uint8, per-row scale and zero point) or 4 "
+                                "(symmetric int4 in blocks of table_block along the row, packed two per byte)")
+    table_block: int = option(32, "table_bits=4: elements per block of a row, each with its own scale; "
+                                  "a power of two, 16 or more, dividing the row length")
     mixed: bool = option(False, "also quantize the float weights left in a model that is already partly "
                                 "quantized (mixed precision per node); weights already quantized are "
                                 "never touched. false: a quantized model is left alone")
@@ -63,6 +67,10 @@ class QuantizeDynamicOptions(PassOptions):
     exclude: str = option("", "regular expression: nodes whose name matches are left alone")
 
     def __post_init__(self):
+        if self.table_bits not in (4, 8):
+            self.fail("table_bits", f"must be 8 or 4, got {self.table_bits}")
+        if self.table_block < 16 or self.table_block & (self.table_block - 1):
+            self.fail("table_block", f"must be a power of two, 16 or more, got {self.table_block}")
         check_selection(self)
 
 
@@ -109,12 +117,17 @@ class QuantizeDynamic(CompressionPass):
     gather, so only the gathered rows are expanded. Chosen over Gather(codes) → Gather(scale),
     Gather(zero point) → Cast/Sub/Mul because it is one kernel and faster (measured: 1,024
     ids from a 30,522×384 table, 0.37 ms against 0.45 ms; the float Gather takes 0.17 ms).
+    ``table_bits=4`` stores symmetric int4 codes in [-7, 7] instead, one scale per block of
+    ``table_block`` elements along the row (the block's largest magnitude / 7), packed two per
+    byte as the kernel reads them (code + 8, low nibble first, its default zero point 8):
+    about 8× smaller than float32.
 
     Exact limit: a weight already on its per-column int8 grid (``w = q·s``, |q| reaching
     127 in each column) gives the output of an integer reference (A quantized as
     DynamicQuantizeLinear does, integer product, times the scales) to float rounding, and
     with A itself on a uint8 grid over its [min, max] the float product A·W to ~1e-5
-    relative; a table already on its per-row uint8 grid is reproduced to float rounding.
+    relative; a table already on its per-row uint8 grid (or, with ``table_bits=4``, on its
+    per-block int4 grid) is reproduced to float rounding.
     Folding a bias changes nothing beyond float rounding.
 
     Refused, with the reason: a model already quantized (nothing is touched, unless
@@ -125,9 +138,10 @@ class QuantizeDynamic(CompressionPass):
     constant float32 [N] at ``beta=1``; fewer than ``min_elements`` elements; names
     matching ``exclude``; a rewrite that would not shrink. Tables: not float32 or not 2-D,
     a Gather axis other than 0, constant indices (constant folding's job), a table read by
-    another kind of node. Nodes inside If/Loop/Scan bodies are not visited.
+    another kind of node, rows that ``table_block`` does not divide (``table_bits=4``). Nodes inside If/Loop/Scan bodies are not visited.
 
-    Per node (``@PATTERN{...}``): ``per_channel`` and ``storage`` of a MatMul/Gemm weight, or
+    Per node (``@PATTERN{...}``): ``per_channel`` and ``storage`` of a MatMul/Gemm weight,
+    ``table_bits`` and ``table_block`` of a Gather's table, or
     ``skip=true`` to leave a MatMul, Gemm or Gather alone (refused, naming the pattern). A
     weight read by several nodes is quantized once, with the options of its first reader in
     graph order; a reader left alone keeps the float weight, so all its readers are refused
@@ -136,7 +150,7 @@ class QuantizeDynamic(CompressionPass):
 
     name = "quantize-dynamic"
     Options = QuantizeDynamicOptions
-    per_node = ("per_channel", "storage")
+    per_node = ("per_channel", "storage", "table_bits", "table_block")
     prerequisites = ("lift-constants",)
     lossless = False
 
@@ -158,17 +172,19 @@ class QuantizeDynamic(CompressionPass):
             matmuls += len(sites)
         if self.options.tables:
             for table, gathers in self._tables(model, outcomes.refuse).items():
-                before, after = self._table_sizes(gathers[0])
-                if reason := shrink_reason(f"table '{table.name}'", before, after):
+                options = self.node_options(gathers[0].node)
+                before, after = _table_sizes(gathers[0], options)
+                reason = shrink_reason(f"table '{table.name}'", before, after) or _block_reason(gathers[0], options)
+                if reason:
                     outcomes.add([g.node for g in gathers], False, reason)
                     continue
-                detail = self._rewrite_table(model, table, gathers, names)
+                detail = self._rewrite_table(model, table, gathers, names, options)
                 outcomes.add([g.node for g in gathers], True, detail)
                 tables += len(gathers)
         outcomes.report(self)
         if matmuls or tables:
             use_microsoft_domain(model)
-            self.note(f"quantized {matmuls} MatMul/Gemm weights to int8 and {tables} Gather tables to uint8")
+            self.note(f"quantized {matmuls} MatMul/Gemm weights to int8 and {tables} Gather tables")
         return ir.passes.PassResult(model, modified=bool(matmuls or tables))
 
     def candidates(self, model: ir.Model) -> list[Candidate]:
@@ -185,7 +201,7 @@ class QuantizeDynamic(CompressionPass):
                 out += [Candidate(self.name, node_label(s.node), s.node.op_type, what) for s in sites]
         if self.options.tables:
             for gathers in self._tables(model, ignore).values():
-                before, after = self._table_sizes(gathers[0])
+                before, after = _table_sizes(gathers[0], self.node_options(gathers[0].node))
                 if after < before:
                     rows, cols = gathers[0].shape
                     what = f"uint8 table {rows}×{cols}: {size_text(before, after, rows * cols)}"
@@ -269,12 +285,10 @@ class QuantizeDynamic(CompressionPass):
             return f"table '{table.name}' has {size:,} elements, fewer than min_elements={self.options.min_elements:,}"
         return ""
 
-    @staticmethod
-    def _table_sizes(gather: _Table) -> tuple[int, int]:
-        rows, cols = gather.shape
-        return FLOAT_BYTES * rows * cols, rows * cols + (FLOAT_BYTES + 1) * rows
-
-    def _rewrite_table(self, model: ir.Model, table: ir.Value, gathers: list[_Table], names: Names) -> str:
+    def _rewrite_table(self, model: ir.Model, table: ir.Value, gathers: list[_Table], names: Names,
+                       options: QuantizeDynamicOptions) -> str:
+        if options.table_bits == 4:
+            return self._rewrite_table_int4(model, table, gathers, names, options)
         t = table.const_value.numpy()
         rows, cols = t.shape
         scale, zero_point = affine_params_array(t.min(axis=1), t.max(axis=1), UINT8)
@@ -294,10 +308,55 @@ class QuantizeDynamic(CompressionPass):
             take_over(g.node.outputs[0], new.outputs[0])
             g.node.graph.remove(g.node, safe=True)
         drop_if_unused(table)
-        before, after = self._table_sizes(gathers[0])
+        before, after = _table_sizes(gathers[0], options)
         shared = f"; shared by {len(gathers)} Gathers" if len(gathers) > 1 else ""
         return (f"uint8 per-row (scale and zero point per row), table {rows}×{cols}: "
                 f"{size_text(before, after, rows * cols)}{shared}")
+
+    def _rewrite_table_int4(self, model: ir.Model, table: ir.Value, gathers: list[_Table], names: Names,
+                            options: QuantizeDynamicOptions) -> str:
+        t = table.const_value.numpy()
+        rows, cols = t.shape
+        block = options.table_block
+        blocks = t.reshape(rows, cols // block, block).astype(np.float64)
+        scale = np.abs(blocks).max(axis=2) / 7.0
+        scale[scale == 0] = 1.0  # an all-zero block: any scale reproduces it
+        codes = np.clip(np.rint(blocks / scale[..., None]), -7, 7).astype(np.int64).reshape(rows, cols)
+        # uint8 storage of 4-bit codes: the code + 8, low nibble first, zero point 8 by default
+        nibbles = (codes + 8).astype(np.uint8)
+        packed = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8)
+        base = table.name or "table"
+        codes_value = new_initializer(model, names.unique(f"{base}_int4"), packed)
+        scale_value = new_initializer(model, names.unique(f"{base}_scale"), scale.astype(np.float32))
+        for g in gathers:
+            new = ir.node(
+                "GatherBlockQuantized", [codes_value, g.node.inputs[1], scale_value],
+                {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 4},
+                domain=MS_DOMAIN, name=g.node.name or None,
+            )
+            g.node.graph.insert_before(g.node, new)
+            take_over(g.node.outputs[0], new.outputs[0])
+            g.node.graph.remove(g.node, safe=True)
+        drop_if_unused(table)
+        before, after = _table_sizes(gathers[0], options)
+        shared = f"; shared by {len(gathers)} Gathers" if len(gathers) > 1 else ""
+        return (f"int4 in blocks of {block} (a scale per block), table {rows}×{cols}: "
+                f"{size_text(before, after, rows * cols)}{shared}")
+
+
+def _table_sizes(gather: _Table, options: QuantizeDynamicOptions) -> tuple[int, int]:
+    """Bytes of a table as float32, and as codes with their scales (and zero points)."""
+    rows, cols = gather.shape
+    if options.table_bits == 4:
+        return FLOAT_BYTES * rows * cols, rows * ((cols + 1) // 2) + FLOAT_BYTES * rows * -(-cols // options.table_block)
+    return FLOAT_BYTES * rows * cols, rows * cols + (FLOAT_BYTES + 1) * rows
+
+
+def _block_reason(gather: _Table, options: QuantizeDynamicOptions) -> str:
+    cols = gather.shape[1]
+    if options.table_bits == 4 and cols % options.table_block:
+        return f"rows of {cols} elements do not split into blocks of table_block={options.table_block}"
+    return ""
 
 
 def _sizes(site: WeightSite, options: QuantizeDynamicOptions) -> tuple[int, int]:

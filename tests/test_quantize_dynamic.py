@@ -482,3 +482,45 @@ def test_bad_options(values, message):
 def test_pipeline_text_round_trips():
     text = "lift-constants,quantize-dynamic{per_channel=false,storage=int8,tables=false}"
     assert str(Pipeline.parse(text)) == text
+
+
+def on_int4_block_grid(rows: int, cols: int, block: int, seed: int = 0) -> np.ndarray:
+    """A table whose blocks lie on their symmetric int4 grid (a code of ±7 in every block)."""
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.01, 0.1, (rows, cols // block, 1))
+    codes = rng.integers(-7, 8, (rows, cols // block, block))
+    codes[..., 0] = 7
+    return (codes * scale).reshape(rows, cols).astype(np.float32)
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_int4_table_on_its_block_grid_is_reproduced(block):
+    table = on_int4_block_grid(30, 64, block)
+    model = embedding_model(table)
+    ids = np.array([[0, 5, 29], [-1, 7, 7]], np.int64)
+    p = apply(model, table_bits=4, table_block=block)
+    node = find_node(model, "embed")
+    assert node.op_type == "GatherBlockQuantized" and node.attributes.get_int("bits") == 4
+    assert tuple(node.inputs[0].const_value.shape) == (30, 32)  # two codes per byte
+    assert f"int4 in blocks of {block}" in records(p)[0].detail
+    check(model)
+    np.testing.assert_allclose(run(model, {"ids": ids})[0], table[ids], rtol=1e-6, atol=1e-7)
+
+
+def test_random_int4_table_stays_within_half_a_step_per_block():
+    table = np.random.default_rng(2).standard_normal((50, 64)).astype(np.float32)
+    model = embedding_model(table)
+    ids = np.arange(50, dtype=np.int64).reshape(5, 10)
+    apply(model, table_bits=4)
+    step = np.abs(table.reshape(50, 2, 32)).max(-1) / 7
+    error = np.abs(run(model, {"ids": ids})[0] - table[ids]).reshape(5, 10, 2, 32)
+    assert np.all(error <= 0.5 * step[ids][..., None] * 1.001 + 1e-7)
+
+
+def test_int4_table_refusals_and_options():
+    assert_untouched(embedding_model(on_row_grid(30, 48)), "do not split into blocks of table_block=32",
+                     node="embed", table_bits=4)
+    with pytest.raises(OptionError, match="table_bits' must be 8 or 4"):
+        QuantizeDynamic.Options(table_bits=2)
+    with pytest.raises(OptionError, match="table_block' must be a power of two"):
+        QuantizeDynamic.Options(table_block=24)
