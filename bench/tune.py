@@ -33,7 +33,7 @@ from onnxcompress.sensitivity import constant_bytes  # noqa: E402
 SETTINGS = {
     # model: (budget on the check feeds, knobs, metric key, target: (kind, value))
     "mobilenet_v2": ("top1>=0.99,sqnr>=36", "share,prune,low-rank,low-rank-gemm", "top1_agreement", ("at_least", 0.99)),
-    "minilm_l6": ("cosine>=0.995", "int4,int8-dynamic,low-rank-gemm", "accuracy", ("drop_at_most", 0.005)),
+    "minilm_l6": ("cosine>=0.992", "int4,int8-dynamic", "accuracy", ("drop_at_most", 0.005)),
     "fmnist_cnn": ("top1>=0.99", "int8,prune,low-rank,low-rank-gemm", "accuracy", ("drop_at_most", 0.01)),
 }
 PRESETS = ["default", "int8", "int8-dynamic"]
@@ -90,8 +90,9 @@ def bench(name: str, jobs: list[int], samples: int) -> str:
              f"{len(feeds)} calibration feeds, knobs `{knobs}`)", "", table, ""]
     if best is not None:
         gain = best[0] / constant_bytes(tuned.model)
+        missed = "" if rows[0]["target met"] else ", but misses the target"
         lines.append(f"Best uniform preset within the target: `{best[1]}`, {best[0] / 1e6:.2f} MB; the tuned plan "
-                     f"is {gain:.2f}x smaller.")
+                     f"is {gain:.2f}x smaller{missed}.")
     lines.append(f"Plan: `{tuned.pipeline}`")
     return "\n".join(lines)
 
