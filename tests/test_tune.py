@@ -329,3 +329,15 @@ def test_one_calibration_feed_cannot_be_split_into_fit_and_check(tmp_path, capsy
 def test_validation_data_replaces_the_held_out_half(stacked_calib):
     result = tune(str(DIGITS), _digits_feeds(), "sqnr>=25", "size", knobs="int8", validation=str(stacked_calib))
     assert (result.fit_feeds, result.check_feeds) == (16, 16)
+
+
+def test_cli_tune_writes_model_plan_record_and_html(tmp_path, capsys, stacked_calib):
+    out = tmp_path / "t.onnx"
+    code = cli.main(["tune", str(DIGITS), "-o", str(out), "--calib", str(stacked_calib), "--budget", "sqnr>=25",
+                     "--knobs", "int8,prune", "--validation", str(stacked_calib), "--report-html", str(tmp_path / "r.html")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "t.onnx", "t.plan.json", "t.tune.json"]
+    plan_line = next(line for line in printed.splitlines() if line.startswith("plan: "))
+    assert str(Pipeline.parse(plan_line[len("plan: "):])) == plan_line[len("plan: "):]
+    assert "<- chosen" in printed and "within 'sqnr>=25'" in printed
