@@ -20,6 +20,7 @@ each worker's onnxruntime sessions then use ``cpu_count // jobs`` threads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -189,12 +190,31 @@ def run_probes(
     context = multiprocessing.get_context("spawn")
     args = (model_bytes(prober.model), prober.feeds, prober.check_feeds, prober.objective, threads)
     by_position: dict[int, ProbeResult] = {}
-    with context.Pool(jobs, initializer=_init_worker, initargs=args) as pool:
+    with _thread_limits(threads), context.Pool(jobs, initializer=_init_worker, initargs=args) as pool:
         for i, result in pool.imap_unordered(_indexed, list(enumerate(knobs))):
             by_position[i] = result
             if on_result:
                 on_result(result)
     return [by_position[i] for i in range(len(knobs))]
+
+
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _thread_limits(threads: int):
+    """Workers spawned inside inherit these limits: numpy's BLAS and scikit-learn's OpenMP would
+    otherwise each start a thread per core in every worker, and spin against each other."""
+    saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
+    os.environ.update({name: str(threads) for name in _THREAD_VARIABLES})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _indexed(item: tuple[int, Knob]) -> tuple[int, ProbeResult]:
