@@ -459,7 +459,7 @@ def test_records_state_the_sizes():
     p = apply(model)
     assert records(p)[0].detail == (
         "int8 per-column (20 scales), stored as uint8, weight 48×20: 3,840 → 1,060 bytes (8.83 bits per weight)")
-    assert p.notes == ["quantized 1 MatMul/Gemm weights to int8 and 0 Gather tables to uint8"]
+    assert p.notes == ["quantized 1 MatMul/Gemm weights to int8 and 0 Gather tables"]
 
 
 # ---------------------------------------------------------------------------- options
