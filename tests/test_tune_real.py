@@ -4,7 +4,7 @@ bit, and the evaluation metric (data the tuner never saw) agrees with the budget
 Measured (bench/tune.py, onnxruntime 1.32, 32 calibration feeds): mobilenet_v2 at
 ``top1>=0.99,sqnr>=36`` with the share knob, 7.42 MB at evaluation top-1 agreement 0.991,
 1.39x smaller than the best uniform preset within the target (int8-dynamic, 10.32 MB), tuned in
-54 s.
+49-54 s.
 """
 
 from __future__ import annotations
