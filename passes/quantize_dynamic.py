@@ -21,6 +21,7 @@ from onnxcompress.quantization import (
     INT8_NARROW,
     UINT8,
     affine_params_array,
+    pack_nibbles,
     quantize,
     quantize_weight,
     quantized_reason,
@@ -287,61 +288,57 @@ class QuantizeDynamic(CompressionPass):
 
     def _rewrite_table(self, model: ir.Model, table: ir.Value, gathers: list[_Table], names: Names,
                        options: QuantizeDynamicOptions) -> str:
-        if options.table_bits == 4:
-            return self._rewrite_table_int4(model, table, gathers, names, options)
         t = table.const_value.numpy()
         rows, cols = t.shape
-        scale, zero_point = affine_params_array(t.min(axis=1), t.max(axis=1), UINT8)
-        codes = quantize(t, scale, zero_point, UINT8, axis=0)
+        coded = _int4_table(t, options.table_block) if options.table_bits == 4 else _uint8_table(t)
         base = table.name or "table"
-        codes_value = new_initializer(model, names.unique(f"{base}_quantized"), codes)
-        scale_value = new_initializer(model, names.unique(f"{base}_scale"), scale.reshape(rows, 1))
-        zp_value = new_initializer(model, names.unique(f"{base}_zero_point"), zero_point.reshape(rows, 1))
-        block = max(16, 1 << (cols - 1).bit_length())  # one block spans the whole row
+        constants = [new_initializer(model, names.unique(f"{base}_quantized"), coded.data),
+                     new_initializer(model, names.unique(f"{base}_scale"), coded.scale)]
+        if coded.zero_point is not None:
+            constants.append(new_initializer(model, names.unique(f"{base}_zero_point"), coded.zero_point))
+        attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": coded.block, "bits": coded.bits}
         for g in gathers:
-            new = ir.node(
-                "GatherBlockQuantized", [codes_value, g.node.inputs[1], scale_value, zp_value],
-                {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 8},
-                domain=MS_DOMAIN, name=g.node.name or None,
-            )
+            new = ir.node("GatherBlockQuantized", [constants[0], g.node.inputs[1], *constants[1:]], attributes,
+                          domain=MS_DOMAIN, name=g.node.name or None)
             g.node.graph.insert_before(g.node, new)
             take_over(g.node.outputs[0], new.outputs[0])
             g.node.graph.remove(g.node, safe=True)
         drop_if_unused(table)
         before, after = _table_sizes(gathers[0], options)
         shared = f"; shared by {len(gathers)} Gathers" if len(gathers) > 1 else ""
-        return (f"uint8 per-row (scale and zero point per row), table {rows}×{cols}: "
-                f"{size_text(before, after, rows * cols)}{shared}")
+        return f"{coded.what}, table {rows}×{cols}: {size_text(before, after, rows * cols)}{shared}"
 
-    def _rewrite_table_int4(self, model: ir.Model, table: ir.Value, gathers: list[_Table], names: Names,
-                            options: QuantizeDynamicOptions) -> str:
-        t = table.const_value.numpy()
-        rows, cols = t.shape
-        block = options.table_block
-        blocks = t.reshape(rows, cols // block, block).astype(np.float64)
-        scale = np.abs(blocks).max(axis=2) / 7.0
-        scale[scale == 0] = 1.0  # an all-zero block: any scale reproduces it
-        codes = np.clip(np.rint(blocks / scale[..., None]), -7, 7).astype(np.int64).reshape(rows, cols)
-        # uint8 storage of 4-bit codes: the code + 8, low nibble first, zero point 8 by default
-        nibbles = (codes + 8).astype(np.uint8)
-        packed = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8)
-        base = table.name or "table"
-        codes_value = new_initializer(model, names.unique(f"{base}_int4"), packed)
-        scale_value = new_initializer(model, names.unique(f"{base}_scale"), scale.astype(np.float32))
-        for g in gathers:
-            new = ir.node(
-                "GatherBlockQuantized", [codes_value, g.node.inputs[1], scale_value],
-                {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 4},
-                domain=MS_DOMAIN, name=g.node.name or None,
-            )
-            g.node.graph.insert_before(g.node, new)
-            take_over(g.node.outputs[0], new.outputs[0])
-            g.node.graph.remove(g.node, safe=True)
-        drop_if_unused(table)
-        before, after = _table_sizes(gathers[0], options)
-        shared = f"; shared by {len(gathers)} Gathers" if len(gathers) > 1 else ""
-        return (f"int4 in blocks of {block} (a scale per block), table {rows}×{cols}: "
-                f"{size_text(before, after, rows * cols)}{shared}")
+
+@dataclasses.dataclass
+class _CodedTable:
+    """A table as GatherBlockQuantized stores it."""
+
+    data: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    block: int
+    bits: int
+    what: str
+
+
+def _uint8_table(t: np.ndarray) -> _CodedTable:
+    rows, cols = t.shape
+    scale, zero_point = affine_params_array(t.min(axis=1), t.max(axis=1), UINT8)
+    codes = quantize(t, scale, zero_point, UINT8, axis=0)
+    block = max(16, 1 << (cols - 1).bit_length())  # one block spans the whole row
+    return _CodedTable(codes, scale.reshape(rows, 1), zero_point.reshape(rows, 1), block, 8,
+                       "uint8 per-row (scale and zero point per row)")
+
+
+def _int4_table(t: np.ndarray, block: int) -> _CodedTable:
+    rows, cols = t.shape
+    blocks = t.reshape(rows, cols // block, block).astype(np.float64)
+    scale = np.abs(blocks).max(axis=2) / 7.0
+    scale[scale == 0] = 1.0  # an all-zero block: any scale reproduces it
+    codes = np.clip(np.rint(blocks / scale[..., None]), -7, 7).astype(np.int64).reshape(rows, cols)
+    # 4-bit codes stored as the code + 8 (the kernel's default zero point), two per byte
+    return _CodedTable(pack_nibbles(codes + 8), scale.astype(np.float32), None, block, 4,
+                       f"int4 in blocks of {block} (a scale per block)")
 
 
 def _table_sizes(gather: _Table, options: QuantizeDynamicOptions) -> tuple[int, int]:
