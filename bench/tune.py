@@ -28,7 +28,7 @@ from common import latency_ratio, markdown_table  # noqa: E402
 
 import models  # noqa: E402
 import onnxcompress  # noqa: E402
-from onnxcompress.sensitivity import constant_bytes  # noqa: E402
+from onnxcompress.modelio import initializer_bytes  # noqa: E402
 
 SETTINGS = {
     # model: (budget on the check feeds, knobs, metric key, target: (kind, value))
@@ -62,7 +62,7 @@ def bench(name: str, jobs: list[int], samples: int) -> str:
                 path = Path(tmp) / "tuned.onnx"
                 result.save(path)
                 value = models.evaluate(name, path)[key]
-                rows.append({"model": f"tuned (-j {j})", "size MB": constant_bytes(result.model) / 1e6,
+                rows.append({"model": f"tuned (-j {j})", "size MB": initializer_bytes(result.model) / 1e6,
                              key: value, "target met": meets(value, base_metric, target),
                              "latency": latency_ratio(source, path, feed), "tune s": seconds,
                              "steps": f"{result.chosen.k} of {result.result['of_steps']}"})
@@ -80,7 +80,7 @@ def bench(name: str, jobs: list[int], samples: int) -> str:
             out.save(path)
             value = models.evaluate(name, path)[key]
             ok = meets(value, base_metric, target)
-            size = constant_bytes(out.model)
+            size = initializer_bytes(out.model)
             uniform.append((ok, size, preset))
             rows.append({"model": preset, "size MB": size / 1e6, key: value, "target met": ok,
                          "latency": latency_ratio(source, path, feed)})
@@ -89,7 +89,7 @@ def bench(name: str, jobs: list[int], samples: int) -> str:
     lines = [f"**{name}** (FP32 {key} {base_metric:.4f}; tuned for `{budget}` on the held-out half of "
              f"{len(feeds)} calibration feeds, knobs `{knobs}`)", "", table, ""]
     if best is not None:
-        gain = best[0] / constant_bytes(tuned.model)
+        gain = best[0] / initializer_bytes(tuned.model)
         missed = "" if rows[0]["target met"] else ", but misses the target"
         lines.append(f"Best uniform preset within the target: `{best[1]}`, {best[0] / 1e6:.2f} MB; the tuned plan "
                      f"is {gain:.2f}x smaller{missed}.")

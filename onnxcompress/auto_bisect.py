@@ -40,12 +40,12 @@ from onnxcompress import registry
 from onnxcompress.errors import DriftBudgetError
 from onnxcompress.instruments import DriftCheck, Instrument, Verify
 from onnxcompress.manager import PassManager
-from onnxcompress.metrics import Drift, DriftBudget, format_db, output_drift, worst
+from onnxcompress.compare import drift_against
+from onnxcompress.metrics import Drift, DriftBudget, format_db
 from onnxcompress.modelio import load_model
 from onnxcompress.options import SKIP_OPTION, NodeOverride, parse_override
 from onnxcompress.pipeline import Pipeline, PipelineEntry, name_pattern
 from onnxcompress.report import PassReport
-from onnxcompress.runtime import make_session, run_all
 
 SKIP_ALL = ".*"  # the override, last in a restriction, that leaves every other node alone
 
@@ -134,7 +134,7 @@ def bisect_to_node(model, pipeline: str | Pipeline, feeds, budget: str | DriftBu
     out, _ = PassManager(pipe, instruments, feeds).run(ir_model)
     finding = BisectFinding(str(budget), runs=1)
     if first_break.culprit is None:
-        finding.final_drift = first_break.last_drift or _measure(out, drift_check.reference, feeds)
+        finding.final_drift = first_break.last_drift or drift_against(drift_check.reference, out, feeds)
         return finding
     search = _NodeSearch(pipe.entries[first_break.culprit.index], first_break.prefix_model,
                          drift_check.reference, feeds, budget)
@@ -152,18 +152,14 @@ def _bisect_culprit(finding: BisectFinding, pipe: Pipeline, first_break: _FirstB
     finding.culprit_drift = first_break.culprit_drift
     finding.violations = tuple(search.budget.violations(first_break.culprit_drift))
     finding.rewrites = culprit.rewritten
-    finding.pipeline = _text([*prefix, entry])
+    finding.pipeline = str(Pipeline((*prefix, entry)))
     why_not = search.refusal(culprit)
     if why_not:
         finding.notes.append(f"no node-level bisection: {why_not}")
         return
     search.run(finding)
     if finding.node is not None:
-        finding.pipeline = _text([*prefix, search.restricted(search.labels[: finding.k])])
-
-
-def _text(entries: list[PipelineEntry]) -> str:
-    return ",".join(str(e) for e in entries)
+        finding.pipeline = str(Pipeline((*prefix, search.restricted(search.labels[: finding.k]))))
 
 
 class _FirstBreak(Instrument):
@@ -204,10 +200,6 @@ def drift_from_report(values: dict) -> Drift:
     max_abs = number("max_abs")
     top1 = values.get("top1")
     return Drift(sqnr, max_abs, number("cosine"), None if top1 is None else float(top1))
-
-
-def _measure(model: ir.Model, reference: list[dict], feeds: list[dict]) -> Drift:
-    return worst(output_drift(reference, run_all(make_session(model), feeds)))
 
 
 @dataclasses.dataclass
@@ -287,12 +279,12 @@ class _NodeSearch:
 
     def _run(self, names: tuple[str, ...]) -> _Probe:
         if not names:
-            drift = _measure(self.prefix_model, self.reference, self.feeds)
+            drift = drift_against(self.reference, self.prefix_model, self.feeds)
             return _Probe(drift, bool(self.budget.violations(drift)), ())
         self.runs += 1
         pipeline = Pipeline((self.restricted(list(names)),))  # not parsed: no prerequisites inserted
         model, report = PassManager(pipeline, [], self.feeds).run(self.prefix_model.clone())
-        drift = _measure(model, self.reference, self.feeds)
+        drift = drift_against(self.reference, model, self.feeds)
         rewritten = tuple(r.node for r in report.passes[0].records if r.action == "rewritten")
         return _Probe(drift, bool(self.budget.violations(drift)), rewritten)
 

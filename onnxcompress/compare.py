@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.metrics import Drift, output_drift, tensor_drift
+from onnxcompress.metrics import Drift, output_drift, tensor_drift, worst
 from onnxcompress.activations import capture
 from onnxcompress.runtime import intermediate_names, make_session, run_all
 
@@ -18,6 +18,12 @@ class TensorDrift:
     producer: str  # op type of the node computing it in the second model
     position: int  # index of that node in the second model's graph order
     drift: Drift
+
+
+def drift_against(reference: list[dict], model, feeds: list[dict]) -> Drift:
+    """The worst drift over the outputs of ``model`` run on ``feeds`` from ``reference`` (the
+    outputs by name for each feed, as :func:`onnxcompress.runtime.run_all` gives them)."""
+    return worst(output_drift(reference, run_all(make_session(model), feeds)))
 
 
 def compare_outputs(a: ir.Model, b: ir.Model, feeds: list[dict]) -> dict[str, Drift]:

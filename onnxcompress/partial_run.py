@@ -78,11 +78,11 @@ class CachedRunner:
     from the cache sees the values it would have computed itself.
     """
 
-    def __init__(self, model: ir.Model, feeds: list[dict], threads: int = 2):
+    def __init__(self, model: ir.Model, feeds: list[dict], threads: int = 2, model_signatures: dict[str, str] | None = None):
         self.feeds = feeds
         self.threads = threads
         self.output_names = [v.name for v in model.graph.outputs]
-        self.signatures = signatures(model)
+        self.signatures = model_signatures if model_signatures is not None else signatures(model)
         names = [v.name for n in model.graph for v in n.outputs if v.name]
         session = make_session(with_extra_outputs(model, names), threads, optimize=False)
         all_names = [o.name for o in session.get_outputs()]

@@ -79,7 +79,7 @@ class Report:
         }
 
     def to_json(self) -> str:
-        return json.dumps(_finite(self.to_dict()), indent=2)
+        return json.dumps(finite(self.to_dict()), indent=2)
 
     def table(self) -> str:
         """The per-pass table printed by ``onnxcompress optimize``."""
@@ -130,11 +130,12 @@ def _drift_cell(drift: dict | None) -> str:
     return text
 
 
-def _finite(obj):
-    if isinstance(obj, float) and math.isinf(obj):
-        return "inf" if obj > 0 else "-inf"
+def finite(obj):
+    """``obj`` with every non-finite float as the text "inf", "-inf" or "nan" (JSON has none)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
     return obj

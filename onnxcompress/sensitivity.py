@@ -37,6 +37,7 @@ from onnxcompress.analysis.cost import compute_cost
 from onnxcompress.knobs import Knob, probe_pipeline
 from onnxcompress.manager import PassManager
 from onnxcompress.metrics import Drift, output_drift, worst
+from onnxcompress.modelio import initializer_bytes
 from onnxcompress.partial_run import CachedRunner
 from onnxcompress.pipeline import Pipeline
 
@@ -69,11 +70,6 @@ def damage_of(drift: Drift) -> float:
     return 10.0 ** (-drift.sqnr_db / 10.0)
 
 
-def constant_bytes(model: ir.Model) -> int:
-    """Bytes of the model's initializers as stored (int8 one byte, int4 half)."""
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-
-
 class Objective:
     """What the tuner minimises, measured on one model: ``size``, ``macs`` or ``latency``."""
 
@@ -87,7 +83,7 @@ class Objective:
 
     def __call__(self, model: ir.Model) -> float:
         if self.kind == "size":
-            return float(constant_bytes(model))
+            return float(initializer_bytes(model))  # as stored: int8 one byte, int4 half
         cost = compute_cost(model, input_shapes=self.input_shapes)
         if self.kind == "macs":
             return float(cost.macs)
@@ -113,7 +109,7 @@ class Prober:
         self.check_feeds = check_feeds
         self.objective = objective
         self.runner = CachedRunner(model, feeds, threads)
-        self.checker = CachedRunner(model, check_feeds, threads)
+        self.checker = CachedRunner(model, check_feeds, threads, self.runner.signatures)
         self.reference = self.checker.reference
         self.base_objective = objective(model)
 

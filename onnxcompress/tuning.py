@@ -50,16 +50,17 @@ from onnxcompress import calibration as calib
 from onnxcompress.api import Result, compress
 from onnxcompress.errors import CalibrationError, DriftBudgetError, OnnxCompressError
 from onnxcompress.knobs import DEFAULT_KNOBS, candidate_knobs, parse_families, plan_pipeline
-from onnxcompress.metrics import DriftBudget, output_drift, worst
-from onnxcompress.modelio import load_model, save_model, write_atomically
+from onnxcompress.compare import drift_against
+from onnxcompress.metrics import DriftBudget
+from onnxcompress.modelio import initializer_bytes, load_model, save_model, write_atomically
 from onnxcompress.plan import write_plan
+from onnxcompress.report import finite
 from onnxcompress.runtime import make_session, run_all
 from onnxcompress.search import Point, bisect_plans, greedy_order, pareto_front, plan_at, predicted
 from onnxcompress.sensitivity import (
     Objective,
     Prober,
     ProbeResult,
-    constant_bytes,
     damage_of,
     run_pipeline,
     run_probes,
@@ -211,27 +212,17 @@ class TuneResult:
                                           f"run the plan with those (--calib DATA --calib-limit {self.fit_feeds}) "
                                           "to get the same model")
         data = self.to_dict()
-        written["record"] = write_atomically(Path(f"{stem}.tune.json"), (json.dumps(_finite(data), indent=2) + "\n").encode())
+        written["record"] = write_atomically(Path(f"{stem}.tune.json"), (json.dumps(finite(data), indent=2) + "\n").encode())
         if html is not None:
             from onnxcompress.html_report import write_html_report
 
-            written["html"] = write_html_report(_finite(data), html)
+            written["html"] = write_html_report(finite(data), html)
         return written
 
     def pipeline_object(self):
         from onnxcompress.pipeline import Pipeline
 
         return Pipeline.parse(self.pipeline)
-
-
-def _finite(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def tune(
@@ -290,7 +281,7 @@ def tune(
         pipeline = plan_pipeline(base, families, plan_at(order, k))
         run = compress(original, pipeline, calibration=feeds)
         candidate = run.model
-        drift = worst(output_drift(reference_outputs, run_all(make_session(candidate), check_feeds)))
+        drift = drift_against(reference_outputs, candidate, check_feeds)
         value = _call_metric(metric_fn, candidate) if metric_fn and budget.needs_metric else None
         problems = budget.violations(drift, value, baseline_metric)
         measures = drift.to_dict()
@@ -314,9 +305,9 @@ def tune(
             raise BudgetUnreachable(message + "; nothing written (--best-effort writes the best found)")
         chosen = best
     final = verified[chosen.k]
-    baseline = {"size": constant_bytes(original), "objective": objective_fn(original),
+    baseline = {"size": initializer_bytes(original), "objective": objective_fn(original),
                 "metric": {"metric": baseline_metric} if baseline_metric is not None else {}}
-    result = {"size": constant_bytes(final.model), "objective": chosen.objective, "metric": chosen.measures,
+    result = {"size": initializer_bytes(final.model), "objective": chosen.objective, "metric": chosen.measures,
               "steps": chosen.k, "of_steps": len(order)}
     timings["total_s"] = time.perf_counter() - start
     passes = [p.to_dict() for p in final.report.passes]
@@ -338,6 +329,6 @@ def _fit_and_check(feeds: list[dict], validation, model: ir.Model) -> tuple[list
 
 
 def _input_shapes(model: ir.Model, feeds: list[dict]) -> dict:
-    from onnxcompress.instruments.cost import _symbolic_dims_from
+    from onnxcompress.instruments.cost import symbolic_dims_from
 
-    return _symbolic_dims_from(model, feeds[0]) if feeds else {}
+    return symbolic_dims_from(model, feeds[0]) if feeds else {}

@@ -18,7 +18,7 @@ def _summary(cost) -> dict[str, int]:
 class CostTracking(Instrument):
     def _cost(self, state, model):
         if state.feeds:
-            return compute_cost(model, input_shapes=_symbolic_dims_from(model, state.feeds[0]))
+            return compute_cost(model, input_shapes=symbolic_dims_from(model, state.feeds[0]))
         return state.analyses.get("cost", model)
 
     def before_pipeline(self, state):
@@ -30,7 +30,7 @@ class CostTracking(Instrument):
             entry.cost = _summary(self._cost(state, model))
 
 
-def _symbolic_dims_from(model, feed) -> dict[str, list]:
+def symbolic_dims_from(model, feed) -> dict[str, list]:
     """Sizes for the symbolic dims of each input, from a feed; the first dim counts one sample."""
     shapes = {}
     for spec in input_specs(model):
