@@ -5,23 +5,27 @@
 - ``apoz``: 1 − the share of zero activations (Hu et al. 2016) in the tensors the next
   layers read, on the calibration data.
 - ``lasso``: He et al. 2017 channel selection: each unit's contribution to the outputs of
-  the layers that read it, and the order in which a positive Lasso (scikit-learn's LARS
-  path) lets units in to reconstruct those outputs; units that enter late matter least.
+  the layers that read it, and the order in which a positive Lasso (scikit-learn's Lasso
+  path, solved from the Gram matrix of the contributions) lets units in to reconstruct those
+  outputs; units that enter late matter least.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.activations import capture
+from onnxcompress.activations import capture, stream
 from onnxcompress.analysis.channels import ChannelGroups
 from onnxcompress.reconstruct import refittable, sink_rows, weight_matrix
 
-LASSO_ROWS = 1000  # sampled input rows per sink
-LASSO_OUTPUTS = 16  # sampled output channels per sink
+LASSO_ROWS = 4000  # sampled input rows of a k×k Conv sink (spread over the feeds)
+LASSO_OUTPUTS = 16  # sampled output channels of a k×k Conv sink
+EXACT_GRAM_LIMIT = 4096  # inputs up to which a Gemm/MatMul/1×1 sink's Gram is formed exactly
+LASSO_ALPHAS = 40  # points of the Lasso path (log-spaced over three decades of α)
 
 
 def importance_of_units(model: ir.Model, groups: ChannelGroups, method: str, feeds) -> dict[int, float]:
@@ -75,53 +79,132 @@ def _apoz(model, groups, feeds) -> dict[int, float]:
 
 
 def _lasso(model, groups, feeds) -> dict[int, float]:
-    from sklearn.linear_model import lars_path_gram
-
     sinks = [s for s in _sink_inputs(groups) if refittable(s[0]) is None]
-    acts = capture(model, [name for _, name, _, _ in sinks], feeds)
     fallback = _weight_norms(groups, "l1")
+    tie_scale = 1e-6 / (1.0 + max(fallback.values(), default=0.0))
     result = dict(fallback)
-    rng = np.random.default_rng(0)
+    per_sink = _contribution_grams(groups, sinks, stream(model, [name for _, name, _, _ in sinks], feeds), len(feeds))
     for units in groups.groups:
         index = {u: i for i, u in enumerate(units)}
-        blocks = []
-        for node, name, axis, atoms in sinks:
-            if not any(groups.unit(a) in index for a in atoms):
-                continue
-            weight = node.inputs[1].const_value.numpy()
-            rows = np.concatenate([sink_rows(node, x, weight) for x in acts[name]])
-            if rows.shape[0] > LASSO_ROWS:
-                rows = rows[rng.choice(rows.shape[0], LASSO_ROWS, replace=False)]
-            matrix = weight_matrix(node, weight)
-            if matrix.shape[1] > LASSO_OUTPUTS:
-                matrix = matrix[:, np.sort(rng.choice(matrix.shape[1], LASSO_OUTPUTS, replace=False))]
-            per_position = len(atoms)
-            width = rows.shape[1] // per_position  # kernel positions per input channel
-            contrib = np.zeros((rows.shape[0] * matrix.shape[1], len(units)))
-            for pos, atom in enumerate(atoms):
-                unit = groups.unit(atom)
-                if unit not in index:
-                    continue
-                cols = slice(pos * width, (pos + 1) * width)
-                contrib[:, index[unit]] += (rows[:, cols] @ matrix[cols]).ravel()
-            blocks.append(contrib)
-        if not blocks:
+        gram = np.zeros((len(units), len(units)))
+        touched = False
+        for sink_units, sink_gram in per_sink:
+            inside = [(i, index[u]) for i, u in enumerate(sink_units) if u in index]
+            if inside:
+                rows, cols = map(np.asarray, zip(*inside))
+                gram[np.ix_(cols, cols)] += sink_gram[np.ix_(rows, rows)]
+                touched = True
+        if not touched:
             continue
-        z = np.concatenate(blocks)
-        y = z.sum(axis=1)
-        scale = np.linalg.norm(z, axis=0)
-        scale[scale == 0] = 1.0
-        # LARS on the Gram matrix: each step costs O(units²) instead of O(rows·units). One step
-        # per unit is enough to order them; units that never enter rank last.
-        zs = z / scale
-        _, _, coefs = lars_path_gram(zs.T @ y, zs.T @ zs, n_samples=zs.shape[0], method="lasso", positive=True,
-                                     max_iter=len(units))
-        entered = np.full(len(units), coefs.shape[1], dtype=float)
-        for i in range(len(units)):
-            steps = np.nonzero(coefs[i])[0]
-            if steps.size:
-                entered[i] = steps[0]
+        entered = lasso_entry_order(gram)
         for u, i in index.items():
             # Earlier entry = more important; l1 breaks ties among units that never entered.
-            result[u] = -entered[i] + 1e-6 * fallback[u] / (1.0 + max(fallback.values()))
+            result[u] = entered[i] + tie_scale * fallback[u]
     return result
+
+
+def _contribution_grams(groups: ChannelGroups, sinks, activations, feed_count: int):
+    """Per sink: (the units its input carries, the Gram matrix of their contributions to its
+    output over the calibration rows). Activations are read one feed at a time.
+
+    A unit's contribution z_u is what its input channels add to the sink's output. For a
+    Gemm/MatMul/1×1 Conv sink it is the outer product x_u·w_uᵀ, so ⟨z_u, z_v⟩ = (x_u·x_v)(w_u·w_v)
+    exactly, over every row and every output: the Gram is (XᵀX) ∘ (WWᵀ). A k×k Conv sink has
+    k² columns per channel; its contributions are formed on sampled rows and outputs.
+    """
+    rng = np.random.default_rng(0)
+    rows_per_feed = max(1, -(-LASSO_ROWS // max(feed_count, 1)))
+    states = []
+    for node, _, _, atoms in sinks:
+        weight = node.inputs[1].const_value.numpy()
+        matrix = weight_matrix(node, weight).astype(np.float64)
+        units = list(dict.fromkeys(groups.unit(a) for a in atoms))
+        position = {u: i for i, u in enumerate(units)}
+        assign = np.zeros((len(atoms), len(units)))
+        assign[np.arange(len(atoms)), [position[groups.unit(a)] for a in atoms]] = 1.0
+        width = matrix.shape[0] // len(atoms)  # kernel positions per input channel
+        exact = width == 1 and len(atoms) <= EXACT_GRAM_LIMIT
+        if not exact and matrix.shape[1] > LASSO_OUTPUTS:
+            matrix = matrix[:, np.sort(rng.choice(matrix.shape[1], LASSO_OUTPUTS, replace=False))]
+        states.append(_SinkGram(node, weight, matrix, units, assign, width, exact))
+    for values in activations:
+        for state, (_, name, _, _) in zip(states, sinks):
+            state.add(sink_rows(state.node, values[name], state.weight), rng, rows_per_feed)
+    return [(state.units, state.gram()) for state in states]
+
+
+class _SinkGram:
+    """Streams one sink's input rows into the Gram of its units' contributions."""
+
+    FLUSH_ROWS = 2048  # exact form: rows gathered per product (one feed may be a single row)
+
+    def __init__(self, node, weight, matrix, units, assign, width, exact):
+        self.node, self.weight, self.matrix, self.units = node, weight, matrix, units
+        self.assign, self.width, self.exact = assign, width, exact
+        self.acc = np.zeros((assign.shape[0],) * 2 if exact else (len(units),) * 2)
+        self.pending: list[np.ndarray] = []
+
+    def add(self, rows: np.ndarray, rng, sample: int) -> None:
+        if self.exact:
+            self.pending.append(rows.astype(np.float32, copy=False))
+            if sum(len(r) for r in self.pending) >= self.FLUSH_ROWS:
+                self._flush()
+            return
+        rows = rows.astype(np.float64)
+        if rows.shape[0] > sample:
+            rows = rows[rng.choice(rows.shape[0], sample, replace=False)]
+        per_atom = rows.reshape(rows.shape[0], -1, self.width)
+        matrix = self.matrix.reshape(per_atom.shape[1], self.width, -1)
+        contrib = np.einsum("rap,apo->roa", per_atom, matrix).reshape(-1, per_atom.shape[1]) @ self.assign
+        self.acc += contrib.T @ contrib
+
+    def _flush(self) -> None:
+        if self.pending:
+            rows = np.concatenate(self.pending)
+            self.acc += rows.T @ rows  # float32 products (a ranking needs no more), float64 sums
+            self.pending = []
+
+    def gram(self) -> np.ndarray:
+        if self.exact:
+            self._flush()
+            return self.assign.T @ (self.acc * (self.matrix @ self.matrix.T)) @ self.assign
+        return self.acc
+
+
+def lasso_entry_order(gram: np.ndarray) -> np.ndarray:
+    """A score per unit, higher = enters the positive Lasso path earlier.
+
+    With z_u a unit's contribution to the sinks' outputs and ẑ_u = z_u/‖z_u‖, the Lasso is
+    ‖Σ_u z_u − Σ_u β_u ẑ_u‖² + α‖β‖₁ with β ≥ 0 (He et al. 2017): as α falls from its largest
+    useful value, units enter in the order the output needs them. It is solved from the Gram
+    matrix G_uv = ⟨z_u, z_v⟩ alone: any R with RᵀR = Ĝ (the normalised Gram) gives the same
+    problem with R as the design matrix and R·‖z‖ as the target, so the rows and outputs
+    behind G are never held. The score is minus the step of the path (LASSO_ALPHAS log-spaced
+    α) at which a unit first enters, plus its share of the largest coefficient at that step to
+    order units entering together; units that never enter score -LASSO_ALPHAS.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import lasso_path
+
+    scale = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    scale[scale == 0] = 1.0
+    normalised = gram / np.outer(scale, scale)
+    root = _gram_root(normalised)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the order of entry is all we read
+        _, path, _ = lasso_path(root, root @ scale, alphas=LASSO_ALPHAS, eps=1e-3, positive=True,
+                                precompute=normalised, Xy=normalised @ scale, tol=1e-3, max_iter=200)
+    active = path > 0
+    first = np.where(active.any(axis=1), active.argmax(axis=1), path.shape[1])
+    at_entry = np.where(first < path.shape[1], path[np.arange(len(first)), np.minimum(first, path.shape[1] - 1)], 0.0)
+    return -first + 0.5 * at_entry / max(float(at_entry.max()), 1e-30)
+
+
+def _gram_root(gram: np.ndarray) -> np.ndarray:
+    """R with RᵀR = gram (up to 1e-9 on the unit diagonal): Cholesky, or eigenvectors when
+    the Gram is too singular for it."""
+    try:
+        return np.linalg.cholesky(gram + 1e-9 * np.eye(len(gram))).T
+    except np.linalg.LinAlgError:
+        eigenvalues, vectors = np.linalg.eigh(gram)
+        return np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None] * vectors.T

@@ -351,6 +351,76 @@ def test_lasso_finds_channels_the_next_layer_ignores():
     assert_same_outputs(model, result.model, feeds)
 
 
+def _ffn_with_ignored_neuron(ignored=5):
+    n = Net([1, 6, 8])
+    w1 = RNG.standard_normal((8, 16)) * 0.3
+    w1[:, ignored] *= 10  # the largest neuron by weight norm ...
+    h = n.op("Relu", [n.op("Add", [n.op("MatMul", ["x", n.w(w1)]), n.w(RNG.standard_normal(16) * 0.1)])])
+    w2 = RNG.standard_normal((16, 8)) * 0.3
+    w2[ignored] = 0  # ... is one the next layer ignores
+    return n.model(n.op("MatMul", [h, n.w(w2)]))
+
+
+def test_lasso_finds_the_ffn_neuron_the_next_matmul_ignores():
+    model = _ffn_with_ignored_neuron()
+    feeds = feeds_for(model)
+    result, _ = prune(model, "prune-channels{ratio=0.0625,importance=lasso}", feeds)
+    assert weight_shapes(result.model)["matmul1"] == (8, 15)
+    assert_same_outputs(model, result.model, feeds)
+
+
+def _explicit_contribution_gram(model: ir.Model, feeds) -> np.ndarray:
+    """⟨z_u, z_v⟩ from the contributions themselves: channel u of the sink's input times its
+    weights, over every row and output (what the lasso importance forms without holding z)."""
+    from onnxcompress.activations import capture
+    from onnxcompress.reconstruct import sink_rows, weight_matrix
+
+    sink = [n for n in model.graph if n.op_type in ("Conv", "MatMul")][-1]
+    weight = sink.inputs[1].const_value.numpy().astype(np.float64)
+    matrix = weight_matrix(sink, weight)
+    rows = np.concatenate([sink_rows(sink, x.astype(np.float64), weight)
+                           for x in capture(model, [sink.inputs[0].name], feeds)[sink.inputs[0].name]])
+    channels = sink.inputs[0].shape[1] if sink.op_type == "Conv" else sink.inputs[0].shape[-1]
+    width = matrix.shape[0] // channels
+    z = np.stack([(rows[:, u * width:(u + 1) * width] @ matrix[u * width:(u + 1) * width]).ravel()
+                  for u in range(channels)], axis=1)
+    return z.T @ z
+
+
+@pytest.mark.parametrize("kind", ["matmul", "conv3x3"])
+def test_lasso_gram_equals_the_gram_of_the_contributions(kind):
+    """The exact form ((XᵀX) ∘ (WWᵀ), MatMul sink) and the streamed k×k form (every row and
+    output kept: below the sampling limits) both equal zᵀz computed from z itself."""
+    from onnxcompress.activations import stream
+    from onnxcompress.channel_importance import _contribution_grams, _sink_inputs
+
+    if kind == "matmul":
+        onnx_model = _ffn_with_ignored_neuron()
+    else:
+        n = Net([1, 3, 6, 6])
+        a = n.op("Relu", [n.conv("x", 3, 8)])
+        onnx_model = n.model(n.op("Conv", [a, n.w(RNG.standard_normal((4, 8, 3, 3))), n.w(np.zeros(4))],
+                                  pads=[1, 1, 1, 1]))
+    feeds = feeds_for(onnx_model)
+    model = onnxcompress.compress(onnx_model, "lift-constants,fold-batchnorm,infer-shapes").model
+    groups = channel_groups(model)
+    sinks = _sink_inputs(groups)
+    ((units, gram),) = _contribution_grams(groups, sinks, stream(model, [s[1] for s in sinks], feeds), len(feeds))
+    assert units == [groups.unit(a) for a in sinks[0][3]]  # one unit per input channel, in order
+    expected = _explicit_contribution_gram(model, feeds)
+    np.testing.assert_allclose(gram, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+def test_lasso_entry_order_ranks_silent_and_faint_units_last():
+    from onnxcompress.channel_importance import lasso_entry_order
+
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((200, 5)) * np.array([3.0, 2.0, 1.0, 0.01, 0.0])  # unit 4 adds nothing
+    score = lasso_entry_order(z.T @ z)
+    assert list(np.argsort(-score)) == [0, 1, 2, 3, 4]
+    assert score[4] == -40.0  # never enters the path (LASSO_ALPHAS steps)
+
+
 def test_reconstruction_beats_plain_pruning():
     n = Net([1, 3, 8, 8])
     a = n.op("Relu", [n.conv("x", 3, 16)])
