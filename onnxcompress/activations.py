@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.runtime import make_session, with_extra_outputs
+from onnxcompress.runtime import make_session
 
 
 _RUNNER: contextvars.ContextVar = contextvars.ContextVar("onnxcompress_activation_runner", default=None)
@@ -47,7 +47,7 @@ def capture(model: ir.Model, names: Iterable[str], feeds: list[dict]) -> dict[st
         return {n: [values[n] for values in cached] for n in names}
     inputs = {v.name for v in model.graph.inputs}
     computed = [n for n in names if n not in inputs]
-    session = make_session(with_extra_outputs(model, computed), optimize=False) if computed else None
+    session = make_session(model, optimize=False, extra_outputs=computed) if computed else None
     out: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for feed in feeds:
         values = dict(zip(computed, session.run(computed, feed))) if session else {}
@@ -66,7 +66,7 @@ def stream(model: ir.Model, names: Iterable[str], feeds: Iterable[dict], optimiz
         return
     inputs = {v.name for v in model.graph.inputs}
     computed = [n for n in names if n not in inputs]
-    session = make_session(with_extra_outputs(model, computed), optimize=optimize) if computed else None
+    session = make_session(model, optimize=optimize, extra_outputs=computed) if computed else None
     for feed in feeds:
         values = dict(zip(computed, session.run(computed, feed))) if session else {}
         yield {name: (feed[name] if name in inputs else values[name]) for name in names}

@@ -17,6 +17,7 @@ from collections import defaultdict
 
 import numpy as np
 import onnx_ir as ir
+from scipy import sparse
 
 from onnxcompress.activations import capture, stream
 from onnxcompress.analysis.channels import ChannelGroups
@@ -92,7 +93,7 @@ def _lasso(model, groups, feeds) -> dict[int, float]:
             inside = [(i, index[u]) for i, u in enumerate(sink_units) if u in index]
             if inside:
                 rows, cols = map(np.asarray, zip(*inside))
-                gram[np.ix_(cols, cols)] += sink_gram[np.ix_(rows, rows)]
+                gram[np.ix_(cols, cols)] += sink_gram[np.ix_(rows, rows)].astype(np.float64)
                 touched = True
         if not touched:
             continue
@@ -120,8 +121,9 @@ def _contribution_grams(groups: ChannelGroups, sinks, activations, feed_count: i
         matrix = weight_matrix(node, weight).astype(np.float64)
         units = list(dict.fromkeys(groups.unit(a) for a in atoms))
         position = {u: i for i, u in enumerate(units)}
-        assign = np.zeros((len(atoms), len(units)))
-        assign[np.arange(len(atoms)), [position[groups.unit(a)] for a in atoms]] = 1.0
+        # atoms -> units, one-hot (an atom repeats where a Flatten turned a channel into a block)
+        assign = sparse.csr_matrix((np.ones(len(atoms)), (np.arange(len(atoms)), [position[groups.unit(a)] for a in atoms])),
+                                   shape=(len(atoms), len(units)))
         width = matrix.shape[0] // len(atoms)  # kernel positions per input channel
         exact = width == 1 and len(atoms) <= EXACT_GRAM_LIMIT
         if not exact and matrix.shape[1] > LASSO_OUTPUTS:
@@ -136,13 +138,15 @@ def _contribution_grams(groups: ChannelGroups, sinks, activations, feed_count: i
 class _SinkGram:
     """Streams one sink's input rows into the Gram of its units' contributions."""
 
-    FLUSH_ROWS = 2048  # exact form: rows gathered per product (one feed may be a single row)
+    FLUSH_ROWS = 512  # exact form: rows gathered per product (one feed may be a single row)
 
     def __init__(self, node, weight, matrix, units, assign, width, exact):
         self.node, self.weight, self.matrix, self.units = node, weight, matrix, units
         self.assign, self.width, self.exact = assign, width, exact
-        self.acc = np.zeros((assign.shape[0],) * 2 if exact else (len(units),) * 2)
+        # float32 throughout: a ranking needs no more, and minilm's six 1536² Grams stay 57 MB
+        self.acc = np.zeros((assign.shape[0],) * 2 if exact else (len(units),) * 2, dtype=np.float32)
         self.pending: list[np.ndarray] = []
+        self.one_to_one = assign.shape[0] == assign.shape[1]  # atom i is unit i: no projection
 
     def add(self, rows: np.ndarray, rng, sample: int) -> None:
         if self.exact:
@@ -150,25 +154,33 @@ class _SinkGram:
             if sum(len(r) for r in self.pending) >= self.FLUSH_ROWS:
                 self._flush()
             return
-        rows = rows.astype(np.float64)
+        rows = rows.astype(np.float32, copy=False)
         if rows.shape[0] > sample:
             rows = rows[rng.choice(rows.shape[0], sample, replace=False)]
         per_atom = rows.reshape(rows.shape[0], -1, self.width)
         matrix = self.matrix.reshape(per_atom.shape[1], self.width, -1)
-        contrib = np.einsum("rap,apo->roa", per_atom, matrix).reshape(-1, per_atom.shape[1]) @ self.assign
+        contrib = np.einsum("rap,apo->roa", per_atom, matrix).reshape(-1, per_atom.shape[1])
+        contrib = (self.assign.T @ contrib.T).T
         self.acc += contrib.T @ contrib
 
     def _flush(self) -> None:
+        self._flush_into(self.acc)
+
+    def _flush_into(self, acc: np.ndarray) -> None:
         if self.pending:
             rows = np.concatenate(self.pending)
-            self.acc += rows.T @ rows  # float32 products (a ranking needs no more), float64 sums
+            acc += rows.T @ rows
             self.pending = []
 
     def gram(self) -> np.ndarray:
+        """The units' Gram; the accumulator is released (each sink's is read once)."""
+        acc, self.acc = self.acc, None
         if self.exact:
-            self._flush()
-            return self.assign.T @ (self.acc * (self.matrix @ self.matrix.T)) @ self.assign
-        return self.acc
+            self._flush_into(acc)
+            acc *= (self.matrix @ self.matrix.T).astype(np.float32)
+            if not self.one_to_one:
+                acc = np.asarray(self.assign.T @ (self.assign.T @ acc).T, dtype=np.float32)
+        return acc
 
 
 def lasso_entry_order(gram: np.ndarray) -> np.ndarray:

@@ -412,12 +412,12 @@ def collect_grams(model: ir.Model, requests: dict, feeds: list[dict], chunk_rows
     into chunks of ``chunk_rows`` before each product, so memory stays at about one feed's
     activations plus one chunk per key.
     """
-    from onnxcompress.runtime import make_session, with_extra_outputs
+    from onnxcompress.runtime import make_session
 
     names = list(dict.fromkeys(name for name, _ in requests.values()))
     inputs = {v.name for v in model.graph.inputs}
     computed = [n for n in names if n not in inputs]
-    session = make_session(with_extra_outputs(model, computed), optimize=False) if computed else None
+    session = make_session(model, optimize=False, extra_outputs=computed) if computed else None
     grams: dict = {}
     pending: dict = {key: [] for key in requests}
 

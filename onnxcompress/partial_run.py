@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.runtime import make_session, with_extra_outputs
+from onnxcompress.runtime import make_session
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class CachedRunner:
         self.output_names = [v.name for v in model.graph.outputs]
         self.signatures = model_signatures if model_signatures is not None else signatures(model)
         names = [v.name for n in model.graph for v in n.outputs if v.name]
-        session = make_session(with_extra_outputs(model, names), threads, optimize=False)
+        session = make_session(model, threads, optimize=False, extra_outputs=names)
         all_names = [o.name for o in session.get_outputs()]
         self.cache = [dict(zip(all_names, session.run(all_names, feed))) for feed in feeds]
         self.reference = [{n: c[n] for n in self.output_names} for c in self.cache]
@@ -121,7 +121,7 @@ class CachedRunner:
         return out
 
     def _run_whole(self, model: ir.Model, names: list[str], optimize: bool) -> list[dict[str, np.ndarray]]:
-        session = make_session(with_extra_outputs(model, names), self.threads, optimize=optimize)
+        session = make_session(model, self.threads, optimize=optimize, extra_outputs=names)
         return [dict(zip(names, session.run(names, feed))) for feed in self.feeds]
 
 

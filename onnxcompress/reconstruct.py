@@ -164,16 +164,28 @@ def fit_layer(xs: list[np.ndarray], ys: list[np.ndarray], anchor: np.ndarray, an
     return (solution[:-1], solution[-1], best, errors) if with_bias else (solution, None, best, errors)
 
 
-def reconstruct_sinks(original: ir.Model, pruned: ir.Model, groups, removed: set[int], feeds: list[dict]):
-    """Refit each sink that lost inputs; yields (node, what was done) for the report."""
+def pruned_sinks(model: ir.Model, groups, removed: set[int]) -> list[ir.Node]:
+    """The sinks that lose input channels, in graph order."""
     sinks = []
     for item in groups.slices:
         if item.role == "sink" and any(groups.unit(a) in removed for a in item.atoms):
             if item.node not in sinks:
                 sinks.append(item.node)
-    order = {node: i for i, node in enumerate(pruned.graph)}
-    sinks.sort(key=lambda n: order[n])
-    targets = capture(original, [n.outputs[0].name for n in sinks], feeds)
+    order = {node: i for i, node in enumerate(model.graph)}
+    return sorted(sinks, key=lambda n: order[n])
+
+
+def reconstruction_targets(model: ir.Model, groups, removed: set[int], feeds: list[dict]) -> dict[str, list[np.ndarray]]:
+    """The outputs of the sinks that will lose inputs, on the calibration feeds, read from the
+    model before it is pruned (so no copy of the whole original has to be kept)."""
+    return capture(model, [n.outputs[0].name for n in pruned_sinks(model, groups, removed)], feeds)
+
+
+def reconstruct_sinks(pruned: ir.Model, groups, removed: set[int], targets: dict[str, list[np.ndarray]],
+                      feeds: list[dict]):
+    """Refit each sink that lost inputs to its original outputs ``targets``
+    (:func:`reconstruction_targets`); yields (node, what was done) for the report."""
+    sinks = pruned_sinks(pruned, groups, removed)
     rng = np.random.default_rng(0)
     for node in sinks:
         reason = refittable(node)

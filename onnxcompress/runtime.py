@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Iterable, Sequence
@@ -11,7 +12,6 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxcompress.modelio import EXTERNAL_DATA_THRESHOLD, initializer_bytes
 
 DEFAULT_THREADS = 2
 
@@ -26,36 +26,56 @@ def session_options(threads: int = DEFAULT_THREADS, optimize: bool = True) -> or
     return options
 
 
-def make_session(model, threads: int = DEFAULT_THREADS, optimize: bool = True) -> ort.InferenceSession:
-    """An onnxruntime CPU session for an ``ir.Model``, a ``ModelProto`` or a path."""
+def make_session(model, threads: int = DEFAULT_THREADS, optimize: bool = True,
+                 extra_outputs: Sequence[str] = ()) -> ort.InferenceSession:
+    """An onnxruntime CPU session for an ``ir.Model``, a ``ModelProto`` or a path;
+    ``extra_outputs`` names tensors of an ``ir.Model`` the session returns besides its outputs.
+
+    An ``ir.Model`` reaches onnxruntime as a temporary file whose weights sit in an external
+    data file: onnxruntime maps them instead of parsing a serialized copy, so a session costs
+    about the model's weights in memory rather than three times them (minilm_l6: 80 MB against
+    272 MB from serialized bytes), and starts no slower.
+    """
     options = session_options(threads, optimize)
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(str(model), options, providers=providers)
-    if isinstance(model, ir.Model) and initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            ir.save(model, path, external_data="model.onnx.data")
-            return ort.InferenceSession(path, options, providers=providers)
-    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    if isinstance(model, onnx.ModelProto):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    with _outputs_added(model, extra_outputs), tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        ir.save(model, path, external_data="model.onnx.data")
+        return ort.InferenceSession(path, options, providers=providers)
+
+
+@contextlib.contextmanager
+def _outputs_added(model: ir.Model, names: Sequence[str]):
+    """The named tensors are graph outputs of ``model`` inside the block, and no longer after."""
+    if not names:
+        yield
+        return
+    values = {v.name: v for node in model.graph for v in node.outputs if v is not None}
+    values.update(model.graph.initializers)
+    existing = {v.name for v in model.graph.outputs}
+    added = []
+    for name in dict.fromkeys(names):
+        if name in existing:
+            continue
+        if name not in values:
+            raise ValueError(f"no tensor named {name!r} in the model")
+        added.append(values[name])
+    model.graph.outputs.extend(added)
+    try:
+        yield
+    finally:
+        for _ in added:
+            model.graph.outputs.pop()
 
 
 def run_all(session: ort.InferenceSession, feeds: Iterable[dict]) -> list[dict[str, np.ndarray]]:
     """Outputs by name for each feed."""
     names = [o.name for o in session.get_outputs()]
     return [dict(zip(names, session.run(names, feed))) for feed in feeds]
-
-
-def with_extra_outputs(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
-    """A proto of ``model`` whose graph also outputs the named intermediate tensors."""
-    proto = ir.to_proto(model)
-    existing = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in existing:
-            # onnxruntime accepts an output without a declared type.
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    return proto
 
 
 def intermediate_names(model: ir.Model) -> list[str]:

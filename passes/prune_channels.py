@@ -18,7 +18,7 @@ from onnxcompress.errors import CalibrationError
 from onnxcompress.initializers import new_initializer, replace_constant_input
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
-from onnxcompress.reconstruct import reconstruct_sinks
+from onnxcompress.reconstruct import reconstruct_sinks, reconstruction_targets
 from onnxcompress.registry import register
 
 logger = logging.getLogger(__name__)
@@ -93,15 +93,16 @@ class PruneChannels(CompressionPass):
         groups = channel_groups(model)  # computed here, not cached: _exclude marks it up
         self._exclude(groups)
         plans = [self._group_plan(groups, units) for units in groups.groups]
-        original = model.clone() if self.options.reconstruct else None
         importance = importance_of_units(model, groups, self.options.importance, self.context.calibration)
         removed = self._select(groups, importance, plans)
         self._record(groups, removed, plans)
         if not removed:
             return ir.passes.PassResult(model, modified=False)
+        feeds = self.context.calibration
+        targets = reconstruction_targets(model, groups, removed, feeds) if self.options.reconstruct else None
         apply_pruning(model, groups, removed)
         if self.options.reconstruct:
-            for node, detail in reconstruct_sinks(original, model, groups, removed, self.context.calibration):
+            for node, detail in reconstruct_sinks(model, groups, removed, targets, feeds):
                 self.rewrote(node, detail)
         return ir.passes.PassResult(model, modified=True)
 
