@@ -152,7 +152,7 @@ class _SinkGram:
         if self.exact:
             self.pending.append(rows.astype(np.float32, copy=False))
             if sum(len(r) for r in self.pending) >= self.FLUSH_ROWS:
-                self._flush()
+                self._flush_into(self.acc)
             return
         rows = rows.astype(np.float32, copy=False)
         if rows.shape[0] > sample:
@@ -162,9 +162,6 @@ class _SinkGram:
         contrib = np.einsum("rap,apo->roa", per_atom, matrix).reshape(-1, per_atom.shape[1])
         contrib = (self.assign.T @ contrib.T).T
         self.acc += contrib.T @ contrib
-
-    def _flush(self) -> None:
-        self._flush_into(self.acc)
 
     def _flush_into(self, acc: np.ndarray) -> None:
         if self.pending:
@@ -202,10 +199,14 @@ def lasso_entry_order(gram: np.ndarray) -> np.ndarray:
     scale[scale == 0] = 1.0
     normalised = gram / np.outer(scale, scale)
     root = _gram_root(normalised)
+    correlation = normalised @ scale
+    # scikit-learn's own grid: from the α at which the first unit enters down three decades
+    # (its objective divides the squared error by the number of rows, here len(root))
+    alphas = max(float(correlation.max()), 1e-30) / len(root) * np.logspace(0, -3, LASSO_ALPHAS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # the order of entry is all we read
-        _, path, _ = lasso_path(root, root @ scale, alphas=LASSO_ALPHAS, eps=1e-3, positive=True,
-                                precompute=normalised, Xy=normalised @ scale, tol=1e-3, max_iter=200)
+        _, path, _ = lasso_path(root, root @ scale, alphas=alphas, positive=True, precompute=normalised,
+                                Xy=correlation, tol=1e-3, max_iter=200)
     active = path > 0
     first = np.where(active.any(axis=1), active.argmax(axis=1), path.shape[1])
     at_entry = np.where(first < path.shape[1], path[np.arange(len(first)), np.minimum(first, path.shape[1] - 1)], 0.0)
