@@ -35,16 +35,15 @@ DEFAULT_CONFIGS = (
 
 def pass_step(model_name: str, spec: str, calib: int) -> dict:
     """Seconds and peak MB above the baseline of one prune-channels run, in this process."""
-    import onnx_ir as ir
     import sklearn.linear_model  # noqa: F401 - imported before the baseline, as the pass would
 
     from common import PeakMemory
-    from onnxcompress.modelio import initializer_bytes
+    from onnxcompress.modelio import initializer_bytes, load_model
     from onnxcompress.pass_base import PassContext
     from onnxcompress.pipeline import Pipeline
     from onnxcompress.registry import get_pass
 
-    model = ir.load(models.fetch(model_name))
+    model = load_model(models.fetch(model_name))
     *prerequisites, entry = Pipeline.parse(spec).entries  # the pipeline puts them first
     for before in prerequisites:
         get_pass(before.name)(before.options)(model)

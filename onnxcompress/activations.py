@@ -70,3 +70,31 @@ def stream(model: ir.Model, names: Iterable[str], feeds: Iterable[dict], optimiz
     for feed in feeds:
         values = dict(zip(computed, session.run(computed, feed))) if session else {}
         yield {name: (feed[name] if name in inputs else values[name]) for name in names}
+
+
+
+def reader(model: ir.Model, names: Iterable[str], feeds: list[dict], overridable: Iterable[str] = ()):
+    """``read(name, overrides) -> [array per feed]`` for any of the named tensors, with the
+    ``overridable`` initializers (named as they are in ``model`` now) fed from ``overrides``.
+
+    One onnxruntime session serves every call: a caller that refits one layer at a time and
+    reads the next layer's input after each refit pays for one session, not one per read (and
+    memory does not creep with sessions built and freed one after another). The caller writes
+    each override into the model as well; inside :func:`reusing` the cached runner serves each
+    call from the model as it is then, which is why it needs no overrides.
+    """
+    names = list(dict.fromkeys(names))
+    runner = _RUNNER.get()
+    if runner is not None and feeds is runner.feeds:
+        return lambda name, overrides: capture(model, [name], feeds)[name]
+    inputs = {v.name for v in model.graph.inputs}
+    computed = [n for n in names if n not in inputs]
+    session = make_session(model, optimize=False, extra_outputs=computed, overridable=list(overridable)) \
+        if computed else None
+
+    def read(name: str, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if name in inputs:
+            return [feed[name] for feed in feeds]
+        return [session.run([name], {**feed, **overrides})[0] for feed in feeds]
+
+    return read

@@ -53,6 +53,7 @@ def load_model(source) -> ir.Model:
             source = from_sparse_storage(copy)
         notes: list[str] = []
         model = ir.serde.deserialize_model(_upgrade_old_opset(source, "the model", notes))
+        _hold_in_memory(model)
         model.meta[LOAD_NOTES] = notes
     elif isinstance(source, (str, os.PathLike)):
         model = _load_path(Path(source))
@@ -62,6 +63,43 @@ def load_model(source) -> ir.Model:
         )
     check_structure(model)
     return model
+
+
+# Types whose values numpy holds natively, so an in-memory copy is exact and cheap to read.
+_NUMPY_TYPES = frozenset({
+    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BOOL,
+    ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
+    ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
+})
+
+
+def _hold_in_memory(model: ir.Model) -> None:
+    """Give every numeric tensor read from a protobuf (initializers, Constant values) its own
+    numpy array.
+
+    A tensor that still points into the protobuf copies all its bytes on every ``numpy()``
+    (the protobuf hands out a fresh ``bytes`` each time), and onnxruntime cannot compute from
+    it in place; as an array it is read for free and lent to sessions
+    (:func:`onnxcompress.runtime.make_session`). The protobuf is freed once no tensor points
+    into it (any one would keep all of it alive), so the model costs its weights once.
+    Tensors in external data stay mapped from their file.
+    """
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            value.const_value = _in_memory(value.const_value)
+        for node in graph:
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR:
+                    tensor = _in_memory(attr.value)
+                    if tensor is not attr.value:
+                        node.attributes[name] = ir.AttrTensor(name, tensor, doc_string=attr.doc_string)
+
+
+def _in_memory(tensor):
+    if type(tensor) is not ir.TensorProtoTensor or tensor.dtype not in _NUMPY_TYPES:
+        return tensor
+    return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string,
+                     metadata_props=dict(tensor.metadata_props))
 
 
 def _load_path(path: Path) -> ir.Model:
@@ -80,6 +118,8 @@ def _load_path(path: Path) -> ir.Model:
     _check_external_data(proto, path.parent)
     notes: list[str] = []
     model = ir.serde.deserialize_model(_upgrade_old_opset(from_sparse_storage(proto), str(path), notes))
+    del proto
+    _hold_in_memory(model)
     model.meta[LOAD_NOTES] = notes
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model

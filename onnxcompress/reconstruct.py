@@ -9,10 +9,12 @@ feeds (or no refit at all, when that does better there). Conv inputs become im2c
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.activations import capture
+from onnxcompress.activations import capture, reader
 from onnxcompress.initializers import replace_constant_input
 
 MAX_ROWS = 40_000
@@ -119,11 +121,34 @@ def _design(x: np.ndarray, with_bias: bool) -> np.ndarray:
     return np.hstack([x, np.ones((x.shape[0], 1))]) if with_bias else x
 
 
-def anchored_ridge(x: np.ndarray, y: np.ndarray, prior: np.ndarray, lam: float) -> np.ndarray:
-    """argmin_W ‖x·W − y‖² + λ‖W − prior‖² (x already carries a ones column for a bias)."""
-    gram = x.T @ x
+def anchored_ridge(gram: np.ndarray, cross: np.ndarray, prior: np.ndarray, lam: float) -> np.ndarray:
+    """argmin_W ‖x·W − y‖² + λ‖W − prior‖² from ``gram`` = xᵀx and ``cross`` = xᵀy (x already
+    carries a ones column for a bias)."""
+    gram = gram.copy()
     gram[np.diag_indices_from(gram)] += lam
-    return np.linalg.solve(gram, x.T @ y + lam * prior)
+    return np.linalg.solve(gram, cross + lam * prior)
+
+
+def _moments(xs, ys, indices, with_bias):
+    """xᵀx and xᵀy over the feeds ``indices``, one feed's design matrix at a time."""
+    width = xs[0].shape[1] + with_bias
+    gram = np.zeros((width, width))
+    cross = np.zeros((width, ys[0].shape[1]))
+    for i in indices:
+        design = _design(xs[i], with_bias)
+        gram += design.T @ design
+        cross += design.T @ ys[i].astype(np.float64)
+    return gram, cross
+
+
+def _relative_error(xs, ys, indices, solution, with_bias) -> float:
+    """‖x·solution − y‖ / ‖y‖ over the feeds ``indices``, one feed at a time."""
+    residual = target = 0.0
+    for i in indices:
+        y = ys[i].astype(np.float64)
+        residual += float(np.sum((_design(xs[i], with_bias) @ solution - y) ** 2))
+        target += float(np.sum(y * y))
+    return math.sqrt(residual) / max(math.sqrt(target), 1e-12)
 
 
 def fit_layer(xs: list[np.ndarray], ys: list[np.ndarray], anchor: np.ndarray, anchor_bias: np.ndarray | None):
@@ -131,37 +156,37 @@ def fit_layer(xs: list[np.ndarray], ys: list[np.ndarray], anchor: np.ndarray, an
 
     The pull strength λ is chosen on held-out feeds among RIDGE_GRID and "no refit" (the
     anchor itself), so the refit is never worse than leaving the weights alone on data the
-    fit did not see. Returns (W, b or None, chosen λ or None for "kept", held-out errors).
+    fit did not see. The fit needs only xᵀx and xᵀy, accumulated feed by feed, so no float64
+    copy of all the rows is ever made. Returns (W, b or None, chosen λ or None for "kept",
+    held-out errors, relative error on all feeds before, and after).
     """
     with_bias = anchor_bias is not None
     prior = anchor.astype(np.float64)
     if with_bias:
         prior = np.vstack([prior, anchor_bias.reshape(1, -1).astype(np.float64)])
-    held = [i for i in range(len(xs)) if len(xs) >= 2 and i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1] or (
+    everything = range(len(xs))
+    held = [i for i in everything if len(xs) >= 2 and i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1] or (
         [len(xs) - 1] if len(xs) >= 2 else [])
-    train = [i for i in range(len(xs)) if i not in held]
-    x_train = _design(np.concatenate([xs[i] for i in train]), with_bias)
-    y_train = np.concatenate([ys[i] for i in train]).astype(np.float64)
-    scale = max(float(np.einsum("ij,ij->", x_train, x_train)) / x_train.size, 1e-12)
+    train = [i for i in everything if i not in held]
+    gram, cross = _moments(xs, ys, train, with_bias)
+    rows = sum(xs[i].shape[0] for i in train)
+    scale = max(float(np.trace(gram)) / (rows * gram.shape[0]), 1e-12)
+    before = _relative_error(xs, ys, everything, prior, with_bias)
     if held:
-        x_held = _design(np.concatenate([xs[i] for i in held]), with_bias)
-        y_held = np.concatenate([ys[i] for i in held]).astype(np.float64)
-
-        def held_error(solution):
-            return float(np.linalg.norm(x_held @ solution - y_held) / max(np.linalg.norm(y_held), 1e-12))
-
-        errors = {None: held_error(prior)}
+        errors = {None: _relative_error(xs, ys, held, prior, with_bias)}
         for ridge in RIDGE_GRID:
-            errors[ridge] = held_error(anchored_ridge(x_train, y_train, prior, ridge * scale))
+            solution = anchored_ridge(gram, cross, prior, ridge * scale)
+            errors[ridge] = _relative_error(xs, ys, held, solution, with_bias)
         best = min(errors, key=errors.get)
     else:
         errors, best = {}, RIDGE_GRID[1]
     if best is None:
-        return anchor, anchor_bias, None, errors
-    x_all = _design(np.concatenate(xs), with_bias)
-    y_all = np.concatenate(ys).astype(np.float64)
-    solution = anchored_ridge(x_all, y_all, prior, best * scale)
-    return (solution[:-1], solution[-1], best, errors) if with_bias else (solution, None, best, errors)
+        return anchor, anchor_bias, None, errors, before, before
+    held_gram, held_cross = _moments(xs, ys, held, with_bias)
+    solution = anchored_ridge(gram + held_gram, cross + held_cross, prior, best * scale)
+    after = _relative_error(xs, ys, everything, solution, with_bias)
+    weights, bias = (solution[:-1], solution[-1]) if with_bias else (solution, None)
+    return weights, bias, best, errors, before, after
 
 
 def pruned_sinks(model: ir.Model, groups, removed: set[int]) -> list[ir.Node]:
@@ -184,8 +209,16 @@ def reconstruction_targets(model: ir.Model, groups, removed: set[int], feeds: li
 def reconstruct_sinks(pruned: ir.Model, groups, removed: set[int], targets: dict[str, list[np.ndarray]],
                       feeds: list[dict]):
     """Refit each sink that lost inputs to its original outputs ``targets``
-    (:func:`reconstruction_targets`); yields (node, what was done) for the report."""
+    (:func:`reconstruction_targets`); yields (node, what was done) for the report.
+
+    One onnxruntime session of the pruned model reads every sink's input; the weights refitted
+    so far are fed to it in place of the pruned ones (they are also written into the model).
+    """
     sinks = pruned_sinks(pruned, groups, removed)
+    refitted = [node for node in sinks if refittable(node) is None]
+    read = reader(pruned, [node.inputs[0].name for node in refitted], feeds,
+                  overridable=[v.name for node in refitted for v in node.inputs[1:3] if v is not None])
+    overrides: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(0)
     for node in sinks:
         reason = refittable(node)
@@ -193,29 +226,28 @@ def reconstruct_sinks(pruned: ir.Model, groups, removed: set[int], targets: dict
             yield node, f"not refitted: {reason}"
             continue
         weight = node.inputs[1].const_value.numpy()
-        inputs = capture(pruned, [node.inputs[0].name], feeds)[node.inputs[0].name]
         keep_out = _kept_outputs(node, groups, removed, None)
-        xs = [sink_rows(node, xi, weight) for xi in inputs]
-        ys = [output_rows(node, yi) for yi in targets[node.outputs[0].name]]
+        xs = [sink_rows(node, xi, weight) for xi in read(node.inputs[0].name, overrides)]
+        ys = [output_rows(node, yi) for yi in targets.pop(node.outputs[0].name)]
         ys = [y[:, keep_out] if keep_out is not None else y for y in ys]
         xs, ys = _subsample(xs, ys, rng)
         bias_value = node.inputs[2] if len(node.inputs) > 2 else None
         has_bias = node.op_type in ("Conv", "Gemm") and bias_value is not None and \
             bias_value.const_value is not None and bias_value.const_value.size == ys[0].shape[1]
         old_matrix, old_bias = weight_matrix(node, weight), _bias(bias_value) if has_bias else None
-        rows, y = np.concatenate(xs), np.concatenate(ys)
-        before = _relative_error(rows, old_matrix, old_bias, y)
-        matrix, bias, ridge, errors = fit_layer(xs, ys, old_matrix, old_bias)
+        matrix, bias, ridge, errors, before, after = fit_layer(xs, ys, old_matrix, old_bias)
+        del xs, ys
         if ridge is None:
             yield node, (f"kept its weights: a refit did worse on held-out calibration feeds "
                          f"({min(v for k, v in errors.items() if k is not None):.4f} vs {errors[None]:.4f})")
             continue
         new_weight = matrix_to_weight(node, matrix, weight).astype(weight.dtype)
+        overrides[node.inputs[1].name] = new_weight
         replace_constant_input(pruned, node, 1, new_weight, ".refit")
         if bias is not None:
             bias_array = bias.astype(weight.dtype).reshape(node.inputs[2].const_value.shape.numpy())
+            overrides[node.inputs[2].name] = bias_array
             replace_constant_input(pruned, node, 2, bias_array, ".refit")
-        after = _relative_error(rows, matrix, bias, y)
         held = f", held-out {errors[None]:.4f} -> {errors[ridge]:.4f}" if errors else ""
         yield node, (f"refitted by least squares (ridge {ridge:g}): relative output error "
                      f"{before:.4f} -> {after:.4f}{held}")
@@ -238,13 +270,6 @@ def _subsample(xs, ys, rng):
 
 def _bias(value):
     return value.const_value.numpy().reshape(-1) if value is not None and value.const_value is not None else None
-
-
-def _relative_error(rows, matrix, bias, y) -> float:
-    pred = rows.astype(np.float64) @ matrix
-    if bias is not None:
-        pred = pred + bias
-    return float(np.linalg.norm(pred - y) / max(np.linalg.norm(y), 1e-12))
 
 
 def _kept_outputs(node: ir.Node, groups, removed: set[int], count) -> list[int] | None:
