@@ -146,37 +146,43 @@ def _entropy_range(hist: StreamingHistogram, levels: int = 128) -> tuple[float, 
 
 
 def _kl_threshold(counts: np.ndarray, levels: int) -> int:
-    """The number of bins to keep (TensorRT's entropy calibration), at least ``levels``."""
+    """The number of bins to keep (TensorRT's entropy calibration), at least ``levels``.
+
+    For i kept bins, P is the first i bins with the mass beyond them added to the last kept
+    one, and Q the kept bins merged into ``levels`` groups (bin j in group ⌊j·levels/i⌋)
+    spread back evenly over each group's non-empty bins; the score is KL(P‖Q), infinite when Q
+    misses mass P has (only possible at the last bin). Within a group every non-empty bin
+    has the same q, so the sum over a group needs only its Σc, Σc·log c and non-empty count:
+    prefix sums give all of them for every candidate at once, O(levels) per candidate.
+    """
     n = counts.size
     if n <= levels:
         return n
-    best, best_kl = n, math.inf
     step = max(1, (n - levels) // 256)  # at most ~256 candidates: bounded time per tensor
-    for i in range(levels, n + 1, step):
-        reference = counts[:i].copy()
-        reference[i - 1] += counts[i:].sum()
-        kl = _kl_after_quantizing(reference, counts[:i], levels)
-        if kl < best_kl:
-            best, best_kl = i, kl
-    return best
-
-
-def _kl_after_quantizing(reference: np.ndarray, clipped: np.ndarray, levels: int) -> float:
-    i = clipped.size
-    group = np.minimum((np.arange(i) * levels) // i, levels - 1)
-    nonzero = clipped != 0
-    sums = np.bincount(group, weights=clipped, minlength=levels)
-    occupied = np.bincount(group, weights=nonzero.astype(np.float64), minlength=levels)
-    spread = np.where(nonzero, sums[group] / np.maximum(occupied[group], 1), 0.0)
-    p = reference / reference.sum()
-    q_total = spread.sum()
-    if q_total == 0:
-        return math.inf
-    q = spread / q_total
-    mask = p > 0
-    if np.any(q[mask] == 0):
-        return math.inf
-    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+    kept = np.arange(levels, n + 1, step)
+    counts = counts.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c_log_c = np.where(counts > 0, counts * np.log(np.where(counts > 0, counts, 1.0)), 0.0)
+    prefix = [np.concatenate([[0.0], np.cumsum(a)]) for a in (counts, c_log_c, (counts > 0).astype(np.float64))]
+    starts = (np.arange(levels + 1)[None, :] * kept[:, None] + levels - 1) // levels  # group g: [starts_g, starts_g+1)
+    mass, mass_log, occupied = (a[starts[:, 1:]] - a[starts[:, :-1]] for a in prefix)
+    total = prefix[0][-1]
+    clipped = prefix[0][kept]  # Q's total mass
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = mass / np.maximum(occupied, 1)  # q·Q of each non-empty bin of the group
+        log_mean = np.log(np.where(mass > 0, mean, 1.0))
+        log_ratio = math.log(total) - np.log(np.where(clipped > 0, clipped, 1.0))  # log N − log Q
+        # N·KL = Σ_g Σ_j c_j (log c_j − log m_g − (log N − log Q)), then the last bin's correction
+        scaled = np.sum(np.where(mass > 0, mass_log - mass * (log_mean + log_ratio[:, None]), 0.0), axis=1)
+        last = counts[kept - 1]
+        last_log_mean = log_mean[:, -1]
+        beyond = total - clipped
+        scaled -= np.where(last > 0, c_log_c[kept - 1] - last * (last_log_mean + log_ratio), 0.0)
+        outlier = last + beyond
+        scaled += np.where(outlier > 0, outlier * (np.log(np.where(outlier > 0, outlier, 1.0)) - last_log_mean - log_ratio), 0.0)
+    kl = scaled / total
+    kl[((last == 0) & (beyond > 0)) | (clipped == 0)] = math.inf
+    return int(kept[int(np.argmin(kl))]) if np.isfinite(kl).any() else n
 
 
 def _mse_range(hist: StreamingHistogram, qtype: QType, steps: int = 120) -> tuple[float, float]:

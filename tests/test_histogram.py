@@ -83,3 +83,44 @@ def test_unknown_method_and_bad_bins():
         calibrated_range(_hist([np.ones(4, np.float32)]), "median", UINT8)
     with pytest.raises(ValueError, match="multiple of 4"):
         StreamingHistogram(10)
+
+
+def _kl_threshold_by_definition(counts: np.ndarray, levels: int) -> int:
+    """TensorRT's rule written out: for each candidate i, KL(P‖Q) with P the first i bins plus
+    the tail's mass on the last one and Q the i bins merged into ``levels`` groups, each
+    group's mass spread evenly over its non-empty bins."""
+    n = counts.size
+    best, best_kl = n, np.inf
+    for i in range(levels, n + 1, max(1, (n - levels) // 256)):
+        p = counts[:i].astype(np.float64)
+        p[-1] += counts[i:].sum()
+        clipped = counts[:i].astype(np.float64)
+        q = np.zeros(i)
+        for g in range(levels):
+            members = np.nonzero((np.arange(i) * levels) // i == g)[0]
+            filled = members[clipped[members] > 0]
+            if filled.size:
+                q[filled] = clipped[members].sum() / filled.size
+        p, q = p / p.sum(), q / q.sum()
+        support = p > 0
+        kl = np.inf if np.any(q[support] == 0) else float(np.sum(p[support] * np.log(p[support] / q[support])))
+        if kl < best_kl:
+            best, best_kl = i, kl
+    return best
+
+
+@pytest.mark.parametrize("shape", ["normal", "heavy", "sparse"])
+def test_entropy_threshold_is_the_kl_minimiser_by_definition(shape):
+    from onnxcompress.histogram import _kl_threshold
+
+    rng = np.random.default_rng(7)
+    for trial in range(3):
+        n = int(rng.integers(300, 1500))
+        if shape == "normal":
+            counts = np.histogram(np.abs(rng.standard_normal(50_000)), bins=n)[0]
+        elif shape == "heavy":
+            counts = np.histogram(rng.exponential(size=50_000) ** 2, bins=n)[0]
+        else:
+            counts = rng.integers(0, 4, n) * (rng.random(n) < 0.2)
+        for levels in (128, 255):
+            assert _kl_threshold(counts.astype(np.float64), levels) == _kl_threshold_by_definition(counts, levels)
