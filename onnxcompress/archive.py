@@ -3,8 +3,10 @@
 Packing takes the raw bytes of the model's weight tensors out of the protobuf, stores each
 under the smallest of several exact encodings (byte-shuffled zlib, a codebook of distinct
 values with Huffman-coded indices, Huffman-coded bytes, relative-indexed sparse), and
-compresses what is left of the model (the graph) separately. Unpacking puts every tensor's
-bytes back and re-serializes; the result is checked against the original's SHA-256. Packing
+compresses what is left of the model (the graph) separately. Unpacking writes every tensor's
+bytes back into its emptied field of the serialized graph (the bytes re-serializing would give,
+without re-encoding the rest: :mod:`onnxcompress.wire`); the result is checked against the
+original's SHA-256. Packing
 checks, before it returns, that unpacking reproduces its input byte for byte; when it would not
 (protobuf re-serialization is canonical for files written by onnx, not for every writer), the
 archive holds the whole file under zlib instead (``"encoding": "whole-file"``).
@@ -66,7 +68,7 @@ from typing import Iterator
 import onnx
 from google.protobuf.message import DecodeError
 
-from onnxcompress import tensor_codecs
+from onnxcompress import tensor_codecs, wire
 from onnxcompress.errors import ArchiveError, ModelLoadError
 from onnxcompress.modelio import write_atomically
 
@@ -432,7 +434,9 @@ def _graph_bytes(header: dict, blobs: memoryview, limit: int) -> bytes:
 
 
 def _restore_tensors(graph: bytes, header: dict, blobs: memoryview, limit: int) -> bytes:
-    """The model with every listed tensor's bytes put back, serialized (no tensor is over ``limit`` bytes)."""
+    """The model with every listed tensor's bytes put back (no tensor is over ``limit`` bytes):
+    the graph blob is parsed to check the entries against it, and the bytes are written into
+    its empty ``raw_data`` fields in place (:mod:`onnxcompress.wire`), as re-serializing would."""
     entries = _field(header, "tensors", list, "header")
     model = onnx.ModelProto()
     try:
@@ -444,9 +448,10 @@ def _restore_tensors(graph: bytes, header: dict, blobs: memoryview, limit: int) 
     work = [(entry, _blob(entry, blobs, f"tensor '{site.name}'"), site, limit) for entry, site in zip(entries, targets)]
     with ThreadPoolExecutor(WORKERS) as pool:
         decoded = list(pool.map(lambda item: _decode_entry(*item), work))
-    for site, data in zip(targets, decoded):
-        site.tensor.raw_data = data
-    return model.SerializeToString()
+    try:
+        return wire.fill_raw_data(graph, {site.locator: data for site, data in zip(targets, decoded)})
+    except wire.WireError as exc:
+        raise ArchiveError(f"graph blob does not take its tensors back: {exc}") from None
 
 
 def _target(entry: dict, sites: dict[str, _Site]) -> _Site:

@@ -146,6 +146,31 @@ def test_unpack_of_pack_is_the_same_bytes(case):
     assert _header(archive)["encoding"] == "tensors"
 
 
+@pytest.mark.parametrize("case", sorted(_zoo()))
+def test_bytes_written_into_the_wire_format_are_what_protobuf_serializes(case):
+    from onnxcompress import wire
+
+    model = _zoo()[case]
+    sites = [site for site in onnxz._walk_model(model) if site.tensor.HasField("raw_data")]
+    payloads = {site.locator: bytes(site.tensor.raw_data) + b"\x07" * (i * 61) for i, site in enumerate(sites)}
+    for site in sites:
+        site.tensor.raw_data = b""
+    emptied = model.SerializeToString()
+    for site in sites:
+        site.tensor.raw_data = payloads[site.locator]
+    assert wire.fill_raw_data(emptied, payloads) == model.SerializeToString()
+
+
+def test_wire_refuses_a_tensor_that_was_not_emptied():
+    from onnxcompress import wire
+
+    data = _serialized(_model([_init("w", _dense())]))
+    with pytest.raises(wire.WireError, match="graph.initializer\\[0\\] was not emptied"):
+        wire.fill_raw_data(data, {"graph.initializer[0]": b"x"})
+    with pytest.raises(wire.WireError, match="no emptied tensor at graph.initializer\\[5\\]"):
+        wire.fill_raw_data(data, {"graph.initializer[5]": b"x"})
+
+
 def test_archive_is_deterministic():
     data = _serialized(_zoo()["if-subgraphs"])
     assert onnxz.pack_bytes(data) == onnxz.pack_bytes(data)
