@@ -84,47 +84,38 @@ def _lend_initializers(model: ir.Model, options: ort.SessionOptions, exclude: se
     return lent
 
 
-@contextlib.contextmanager
 def _outputs_added(model: ir.Model, names: Sequence[str]):
     """The named tensors are graph outputs of ``model`` inside the block, and no longer after."""
     if not names:
-        yield
-        return
+        return contextlib.nullcontext()
     values = {v.name: v for node in model.graph for v in node.outputs if v is not None}
     values.update(model.graph.initializers)
-    existing = {v.name for v in model.graph.outputs}
-    added = []
-    for name in dict.fromkeys(names):
-        if name in existing:
-            continue
-        if name not in values:
-            raise ValueError(f"no tensor named {name!r} in the model")
-        added.append(values[name])
-    model.graph.outputs.extend(added)
-    try:
-        yield
-    finally:
-        for _ in added:
-            model.graph.outputs.pop()
+    return _appended(model.graph.outputs, names, values, "tensor")
+
+
+def _inputs_added(model: ir.Model, names: Sequence[str]):
+    """The named initializers are graph inputs of ``model`` inside the block, and no longer after."""
+    return _appended(model.graph.inputs, names, model.graph.initializers, "initializer")
 
 
 @contextlib.contextmanager
-def _inputs_added(model: ir.Model, names: Sequence[str]):
-    """The named initializers are graph inputs of ``model`` inside the block, and no longer after."""
-    existing = {v.name for v in model.graph.inputs}
+def _appended(values: list, names: Sequence[str], known: dict, what: str):
+    """The named ``known`` values are at the end of ``values`` inside the block (those already
+    there are not added twice), and no longer after."""
+    existing = {v.name for v in values}
     added = []
     for name in dict.fromkeys(names):
         if name in existing:
             continue
-        if name not in model.graph.initializers:
-            raise ValueError(f"no initializer named {name!r} in the model")
-        added.append(model.graph.initializers[name])
-    model.graph.inputs.extend(added)
+        if name not in known:
+            raise ValueError(f"no {what} named {name!r} in the model")
+        added.append(known[name])
+    values.extend(added)
     try:
         yield
     finally:
         for _ in added:
-            model.graph.inputs.pop()
+            values.pop()
 
 
 def run_all(session: ort.InferenceSession, feeds: Iterable[dict]) -> list[dict[str, np.ndarray]]:
