@@ -213,12 +213,20 @@ def reconstruct_sinks(pruned: ir.Model, groups, removed: set[int], targets: dict
 
     One onnxruntime session of the pruned model reads every sink's input; the weights refitted
     so far are fed to it in place of the pruned ones (they are also written into the model).
+    A refitted constant the session cannot take as an input (not an initializer) makes the
+    later reads capture from the model as it is then. ``targets`` is consumed.
     """
     sinks = pruned_sinks(pruned, groups, removed)
     refitted = [node for node in sinks if refittable(node) is None]
-    read = reader(pruned, [node.inputs[0].name for node in refitted], feeds,
-                  overridable=[v.name for node in refitted for v in node.inputs[1:3] if v is not None])
+    overridable = {v.name for node in refitted for v in node.inputs[1:3]
+                   if v is not None and v.name in pruned.graph.initializers}
+    session_read = reader(pruned, [node.inputs[0].name for node in refitted], feeds, overridable=overridable)
     overrides: dict[str, np.ndarray] = {}
+    stale = False
+
+    def read(name: str) -> list[np.ndarray]:
+        return capture(pruned, [name], feeds)[name] if stale else session_read(name, overrides)
+
     rng = np.random.default_rng(0)
     for node in sinks:
         reason = refittable(node)
@@ -227,7 +235,7 @@ def reconstruct_sinks(pruned: ir.Model, groups, removed: set[int], targets: dict
             continue
         weight = node.inputs[1].const_value.numpy()
         keep_out = _kept_outputs(node, groups, removed, None)
-        xs = [sink_rows(node, xi, weight) for xi in read(node.inputs[0].name, overrides)]
+        xs = [sink_rows(node, xi, weight) for xi in read(node.inputs[0].name)]
         ys = [output_rows(node, yi) for yi in targets.pop(node.outputs[0].name)]
         ys = [y[:, keep_out] if keep_out is not None else y for y in ys]
         xs, ys = _subsample(xs, ys, rng)
@@ -242,12 +250,13 @@ def reconstruct_sinks(pruned: ir.Model, groups, removed: set[int], targets: dict
                          f"({min(v for k, v in errors.items() if k is not None):.4f} vs {errors[None]:.4f})")
             continue
         new_weight = matrix_to_weight(node, matrix, weight).astype(weight.dtype)
-        overrides[node.inputs[1].name] = new_weight
-        replace_constant_input(pruned, node, 1, new_weight, ".refit")
+        refits = {1: new_weight}
         if bias is not None:
-            bias_array = bias.astype(weight.dtype).reshape(node.inputs[2].const_value.shape.numpy())
-            overrides[node.inputs[2].name] = bias_array
-            replace_constant_input(pruned, node, 2, bias_array, ".refit")
+            refits[2] = bias.astype(weight.dtype).reshape(node.inputs[2].const_value.shape.numpy())
+        for index, array in refits.items():
+            stale |= node.inputs[index].name not in overridable
+            overrides[node.inputs[index].name] = array
+            replace_constant_input(pruned, node, index, array, ".refit")
         held = f", held-out {errors[None]:.4f} -> {errors[ridge]:.4f}" if errors else ""
         yield node, (f"refitted by least squares (ridge {ridge:g}): relative output error "
                      f"{before:.4f} -> {after:.4f}{held}")
