@@ -87,12 +87,19 @@ def _hold_in_memory(model: ir.Model) -> None:
     for graph in (model.graph, *model.graph.subgraphs()):
         for value in graph.initializers.values():
             value.const_value = _in_memory(value.const_value)
-        for node in graph:
-            for name, attr in list(node.attributes.items()):
-                if attr.type == ir.AttributeType.TENSOR:
-                    tensor = _in_memory(attr.value)
-                    if tensor is not attr.value:
-                        node.attributes[name] = ir.AttrTensor(name, tensor, doc_string=attr.doc_string)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        _attribute_tensors_in_memory(node)
+    for function in model.functions.values():
+        for node in ir.traversal.RecursiveGraphIterator(function):
+            _attribute_tensors_in_memory(node)
+
+
+def _attribute_tensors_in_memory(node: ir.Node) -> None:
+    for name, attr in list(node.attributes.items()):
+        if attr.type == ir.AttributeType.TENSOR:
+            tensor = _in_memory(attr.value)
+            if tensor is not attr.value:
+                node.attributes[name] = ir.AttrTensor(name, tensor, doc_string=attr.doc_string)
 
 
 def _in_memory(tensor):

@@ -74,3 +74,28 @@ def test_overridable_initializers_take_the_fed_value(tmp_path):
     read = reader(model, ["h", "x"], [{"x": x}], overridable=["w"])
     np.testing.assert_array_equal(read("h", {"w": other})[0], h_fed)
     np.testing.assert_array_equal(read("x", {})[0], x)
+
+
+def test_tensors_in_subgraphs_and_functions_are_held_in_memory(tmp_path):
+    rng = np.random.default_rng(4)
+    def constant(out):
+        return onnx.helper.make_node("Constant", [], [out], value=onnx.numpy_helper.from_array(
+            rng.standard_normal(300).astype(np.float32), out))
+    branch = onnx.helper.make_graph([constant("c")], "branch", [],
+                                    [onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [300])])
+    function = onnx.helper.make_function("local", "F", [], ["y"], [constant("y")], [onnx.helper.make_opsetid("", 17)])
+    nodes = [onnx.helper.make_node("If", ["cond"], ["a"], then_branch=branch, else_branch=branch),
+             onnx.helper.make_node("F", [], ["b"], domain="local")]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [300]) for n in ("a", "b")])
+    model = onnx.helper.make_model(graph, functions=[function], opset_imports=[
+        onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("local", 1)])
+    path = tmp_path / "nested.onnx"
+    onnx.save(model, path)
+    loaded = load_model(path)
+    nodes = [*ir.traversal.RecursiveGraphIterator(loaded.graph),
+             *(n for f in loaded.functions.values() for n in ir.traversal.RecursiveGraphIterator(f))]
+    constants = [n for n in nodes if n.op_type == "Constant"]
+    assert len(constants) == 3
+    assert all(type(n.attributes["value"].value) is ir.Tensor for n in constants)
