@@ -72,7 +72,6 @@ def stream(model: ir.Model, names: Iterable[str], feeds: Iterable[dict], optimiz
         yield {name: (feed[name] if name in inputs else values[name]) for name in names}
 
 
-
 def reader(model: ir.Model, names: Iterable[str], feeds: list[dict], overridable: Iterable[str] = ()):
     """``read(name, overrides) -> [array per feed]`` for any of the named tensors, with the
     ``overridable`` initializers (named as they are in ``model`` now) fed from ``overrides``.
