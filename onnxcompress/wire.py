@@ -3,10 +3,11 @@
 Pack empties the ``raw_data`` of the tensors it takes out and serializes the model; each such
 tensor then holds field 9 with length 0. :func:`fill_raw_data` writes each payload into its
 tensor's empty field and rewrites the length prefix of every message that encloses it, copying
-every other byte as it is. That is exactly what setting ``raw_data`` and serializing again
-would give (protobuf writes a message's fields in the order they were read, and an enclosing
-message's length is that of its content), without re-encoding the rest of the model:
-unpacking becomes one pass over the graph's fields and a join of the pieces.
+every other byte as it is. For a graph that protobuf serialized (pack's), that is what setting
+``raw_data`` and serializing again gives: the field keeps its place, and an enclosing message's
+length is that of its content (tested against protobuf on every model of the archive tests;
+pack checks the result on every model it packs anyway). Unpacking becomes one pass over the
+graph's fields and a join of the pieces, without re-encoding the rest of the model.
 
 Tensors are named by the archive's locators (``graph.initializer[3]``,
 ``graph.node[7].then_branch.node[0].value``, ``functions[0].node[2].value``, see
