@@ -65,8 +65,9 @@ def load_model(source) -> ir.Model:
     return model
 
 
-# Types whose values numpy holds natively, so an in-memory copy is exact and cheap to read.
-_NUMPY_TYPES = frozenset({
+# Types whose values numpy holds natively: an in-memory copy is exact and cheap to read, and
+# onnxruntime computes from such an array directly.
+NUMPY_TYPES = frozenset({
     ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BOOL,
     ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
     ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
@@ -103,7 +104,7 @@ def _attribute_tensors_in_memory(node: ir.Node) -> None:
 
 
 def _in_memory(tensor):
-    if type(tensor) is not ir.TensorProtoTensor or tensor.dtype not in _NUMPY_TYPES:
+    if type(tensor) is not ir.TensorProtoTensor or tensor.dtype not in NUMPY_TYPES:
         return tensor
     return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string,
                      metadata_props=dict(tensor.metadata_props))

@@ -12,6 +12,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxcompress.modelio import NUMPY_TYPES
+
 
 DEFAULT_THREADS = 2
 
@@ -58,12 +60,6 @@ def make_session(model, threads: int = DEFAULT_THREADS, optimize: bool = True,
     return session
 
 
-# Numeric types whose numpy arrays onnxruntime can compute from directly.
-_LENDABLE = frozenset({
-    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BOOL,
-    ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
-    ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
-})
 _LEND_MIN_BYTES = 1024  # small tensors are cheaper to copy, and shape inference reads them
 
 
@@ -73,7 +69,7 @@ def _lend_initializers(model: ir.Model, options: ort.SessionOptions, exclude: se
     lent = []
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
-        if name in exclude or type(tensor) is not ir.Tensor or tensor.dtype not in _LENDABLE:
+        if name in exclude or type(tensor) is not ir.Tensor or tensor.dtype not in NUMPY_TYPES:
             continue
         array = tensor.numpy()
         if array.nbytes < _LEND_MIN_BYTES or not array.flags.c_contiguous or array.dtype.byteorder == ">":
