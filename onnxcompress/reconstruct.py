@@ -129,24 +129,27 @@ def anchored_ridge(gram: np.ndarray, cross: np.ndarray, prior: np.ndarray, lam: 
     return np.linalg.solve(gram, cross + lam * prior)
 
 
-def _moments(xs, ys, indices, with_bias):
-    """xᵀx and xᵀy over the feeds ``indices``, one feed's design matrix at a time."""
-    width = xs[0].shape[1] + with_bias
+def _moments(rows, width: int, outputs: int):
+    """xᵀx and xᵀy over the (x, y) blocks ``rows``."""
     gram = np.zeros((width, width))
-    cross = np.zeros((width, ys[0].shape[1]))
-    for i in indices:
-        design = _design(xs[i], with_bias)
+    cross = np.zeros((width, outputs))
+    for design, y in rows:
         gram += design.T @ design
-        cross += design.T @ ys[i].astype(np.float64)
+        cross += design.T @ y
     return gram, cross
 
 
-def _relative_error(xs, ys, indices, solution, with_bias) -> float:
-    """‖x·solution − y‖ / ‖y‖ over the feeds ``indices``, one feed at a time."""
-    residual = target = 0.0
+def _rows(xs, ys, indices, with_bias):
+    """(design matrix, float64 target) of each feed in ``indices``, built one at a time."""
     for i in indices:
-        y = ys[i].astype(np.float64)
-        residual += float(np.sum((_design(xs[i], with_bias) @ solution - y) ** 2))
+        yield _design(xs[i], with_bias), ys[i].astype(np.float64)
+
+
+def _relative_error(rows, solution) -> float:
+    """‖x·solution − y‖ / ‖y‖ over the (x, y) blocks ``rows``."""
+    residual = target = 0.0
+    for design, y in rows:
+        residual += float(np.sum((design @ solution - y) ** 2))
         target += float(np.sum(y * y))
     return math.sqrt(residual) / max(math.sqrt(target), 1e-12)
 
@@ -156,8 +159,8 @@ def fit_layer(xs: list[np.ndarray], ys: list[np.ndarray], anchor: np.ndarray, an
 
     The pull strength λ is chosen on held-out feeds among RIDGE_GRID and "no refit" (the
     anchor itself), so the refit is never worse than leaving the weights alone on data the
-    fit did not see. The fit needs only xᵀx and xᵀy, accumulated feed by feed, so no float64
-    copy of all the rows is ever made. Returns (W, b or None, chosen λ or None for "kept",
+    fit did not see. The fit needs only xᵀx and xᵀy, accumulated feed by feed; of the rows
+    only the held-out quarter is kept in float64 (the candidates are all scored on it). Returns (W, b or None, chosen λ or None for "kept",
     held-out errors, relative error on all feeds before, and after).
     """
     with_bias = anchor_bias is not None
@@ -168,23 +171,24 @@ def fit_layer(xs: list[np.ndarray], ys: list[np.ndarray], anchor: np.ndarray, an
     held = [i for i in everything if len(xs) >= 2 and i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1] or (
         [len(xs) - 1] if len(xs) >= 2 else [])
     train = [i for i in everything if i not in held]
-    gram, cross = _moments(xs, ys, train, with_bias)
+    width, outputs = xs[0].shape[1] + with_bias, ys[0].shape[1]
+    gram, cross = _moments(_rows(xs, ys, train, with_bias), width, outputs)
     rows = sum(xs[i].shape[0] for i in train)
     scale = max(float(np.trace(gram)) / (rows * gram.shape[0]), 1e-12)
-    before = _relative_error(xs, ys, everything, prior, with_bias)
+    before = _relative_error(_rows(xs, ys, everything, with_bias), prior)
+    held_rows = list(_rows(xs, ys, held, with_bias))  # a quarter of the rows, read once per candidate
     if held:
-        errors = {None: _relative_error(xs, ys, held, prior, with_bias)}
+        errors = {None: _relative_error(held_rows, prior)}
         for ridge in RIDGE_GRID:
-            solution = anchored_ridge(gram, cross, prior, ridge * scale)
-            errors[ridge] = _relative_error(xs, ys, held, solution, with_bias)
+            errors[ridge] = _relative_error(held_rows, anchored_ridge(gram, cross, prior, ridge * scale))
         best = min(errors, key=errors.get)
     else:
         errors, best = {}, RIDGE_GRID[1]
     if best is None:
         return anchor, anchor_bias, None, errors, before, before
-    held_gram, held_cross = _moments(xs, ys, held, with_bias)
+    held_gram, held_cross = _moments(held_rows, width, outputs)
     solution = anchored_ridge(gram + held_gram, cross + held_cross, prior, best * scale)
-    after = _relative_error(xs, ys, everything, solution, with_bias)
+    after = _relative_error(_rows(xs, ys, everything, with_bias), solution)
     weights, bias = (solution[:-1], solution[-1]) if with_bias else (solution, None)
     return weights, bias, best, errors, before, after
 
