@@ -5,6 +5,8 @@ pruned model (with the earlier refits applied) and its output Y in the original 
 kept output channels only), and solve min ‖X'·W' + b' − Y‖² + λ‖[W'; b'] − [W; b]‖²: a
 ridge pulled towards the pruned layer's own weights, with λ chosen on held-out calibration
 feeds (or no refit at all, when that does better there). Conv inputs become im2col patches.
+A sink whose output is added to a residual branch is fitted to the original sum less that
+branch as the pruned model computes it: the refit also absorbs the drift upstream.
 """
 
 from __future__ import annotations
@@ -139,10 +141,12 @@ def _moments(rows, width: int, outputs: int):
     return gram, cross
 
 
-def _rows(xs, ys, indices, with_bias):
-    """(design matrix, float64 target) of each feed in ``indices``, built one at a time."""
+def _rows(xs, ys, indices, with_bias, weights=None):
+    """(design matrix, float64 target) of each feed in ``indices``, built one at a time, each
+    row scaled by its weight when there are ``weights`` (weighted least squares)."""
     for i in indices:
-        yield _design(xs[i], with_bias), ys[i].astype(np.float64)
+        design, y = _design(xs[i], with_bias), ys[i].astype(np.float64)
+        yield (design, y) if weights is None else (design * weights[i], y * weights[i])
 
 
 def _relative_error(rows, solution) -> float:
@@ -154,14 +158,17 @@ def _relative_error(rows, solution) -> float:
     return math.sqrt(residual) / max(math.sqrt(target), 1e-12)
 
 
-def fit_layer(xs: list[np.ndarray], ys: list[np.ndarray], anchor: np.ndarray, anchor_bias: np.ndarray | None):
-    """Refit [W; b] on per-feed row blocks, pulled towards the pruned layer's own weights.
+def fit_layer(xs: list[np.ndarray], ys: list[np.ndarray], anchor: np.ndarray, anchor_bias: np.ndarray | None,
+              row_weights: list[np.ndarray] | None = None):
+    """Refit [W; b] on per-feed row blocks, pulled towards the pruned layer's own weights;
+    with ``row_weights`` (a column per feed) each row's residual is scaled by its weight.
 
     The pull strength λ is chosen on held-out feeds among RIDGE_GRID and "no refit" (the
     anchor itself), so the refit is never worse than leaving the weights alone on data the
     fit did not see. The fit needs only xᵀx and xᵀy, accumulated feed by feed; of the rows
-    only the held-out quarter is kept in float64 (the candidates are all scored on it). Returns (W, b or None, chosen λ or None for "kept",
-    held-out errors, relative error on all feeds before, and after).
+    only the held-out quarter is kept in float64 (the candidates are all scored on it).
+    Returns (W, b or None, chosen λ or None for "kept", held-out errors, relative error on
+    all feeds before, and after).
     """
     with_bias = anchor_bias is not None
     prior = anchor.astype(np.float64)
@@ -172,11 +179,11 @@ def fit_layer(xs: list[np.ndarray], ys: list[np.ndarray], anchor: np.ndarray, an
         [len(xs) - 1] if len(xs) >= 2 else [])
     train = [i for i in everything if i not in held]
     width, outputs = xs[0].shape[1] + with_bias, ys[0].shape[1]
-    gram, cross = _moments(_rows(xs, ys, train, with_bias), width, outputs)
+    gram, cross = _moments(_rows(xs, ys, train, with_bias, row_weights), width, outputs)
     rows = sum(xs[i].shape[0] for i in train)
     scale = max(float(np.trace(gram)) / (rows * gram.shape[0]), 1e-12)
-    before = _relative_error(_rows(xs, ys, everything, with_bias), prior)
-    held_rows = list(_rows(xs, ys, held, with_bias))  # a quarter of the rows, read once per candidate
+    before = _relative_error(_rows(xs, ys, everything, with_bias, row_weights), prior)
+    held_rows = list(_rows(xs, ys, held, with_bias, row_weights))  # a quarter of the rows, read once per candidate
     if held:
         errors = {None: _relative_error(held_rows, prior)}
         for ridge in RIDGE_GRID:
@@ -188,7 +195,7 @@ def fit_layer(xs: list[np.ndarray], ys: list[np.ndarray], anchor: np.ndarray, an
         return anchor, anchor_bias, None, errors, before, before
     held_gram, held_cross = _moments(held_rows, width, outputs)
     solution = anchored_ridge(gram + held_gram, cross + held_cross, prior, best * scale)
-    after = _relative_error(_rows(xs, ys, everything, with_bias), solution)
+    after = _relative_error(_rows(xs, ys, everything, with_bias, row_weights), solution)
     weights, bias = (solution[:-1], solution[-1]) if with_bias else (solution, None)
     return weights, bias, best, errors, before, after
 
@@ -204,10 +211,43 @@ def pruned_sinks(model: ir.Model, groups, removed: set[int]) -> list[ir.Node]:
     return sorted(sinks, key=lambda n: order[n])
 
 
+def residual_join(node: ir.Node):
+    """(the Add, its other operand, the bias or None) when ``node``'s output reaches an Add
+    with a computed operand, alone or through one Add of a constant: a residual connection."""
+    value, bias = node.outputs[0], None
+    for _ in range(2):
+        uses = list(value.uses())
+        if len(uses) != 1 or value.is_graph_output() or uses[0].node.op_type != "Add":
+            return None
+        user, other = uses[0].node, uses[0].node.inputs[1 - uses[0].idx]
+        if other is None:
+            return None
+        if other.const_value is None:
+            return user, other, bias
+        if bias is not None:
+            return None
+        value, bias = user.outputs[0], other
+    return None
+
+
+def _same_known_shape(*values: ir.Value) -> bool:
+    shapes = [v.shape for v in values]
+    return shapes[0] is not None and all(d is not None for d in shapes[0]) and all(s == shapes[0] for s in shapes)
+
+
 def reconstruction_targets(model: ir.Model, groups, removed: set[int], feeds: list[dict]) -> dict[str, list[np.ndarray]]:
-    """The outputs of the sinks that will lose inputs, on the calibration feeds, read from the
-    model before it is pruned (so no copy of the whole original has to be kept)."""
-    return capture(model, [n.outputs[0].name for n in pruned_sinks(model, groups, removed)], feeds)
+    """What each sink that will lose inputs is fitted to, on the calibration feeds, read from
+    the model before it is pruned (so no copy of the whole original has to be kept): the sum
+    of the residual Add it feeds where both operands have its known shape (no broadcast),
+    or else its own output."""
+    names = []
+    for node in pruned_sinks(model, groups, removed):
+        join = residual_join(node)
+        if join and _same_known_shape(node.outputs[0], join[1], join[0].outputs[0]):
+            names.append(join[0].outputs[0].name)
+        else:
+            names.append(node.outputs[0].name)
+    return capture(model, names, feeds)
 
 
 def reconstruct_sinks(pruned: ir.Model, groups, removed: set[int], targets: dict[str, list[np.ndarray]],
@@ -224,7 +264,10 @@ def reconstruct_sinks(pruned: ir.Model, groups, removed: set[int], targets: dict
     refitted = [node for node in sinks if refittable(node) is None]
     overridable = {v.name for node in refitted for v in node.inputs[1:3]
                    if v is not None and v.name in pruned.graph.initializers}
-    session_read = reader(pruned, [node.inputs[0].name for node in refitted], feeds, overridable=overridable)
+    joins = {node: residual_join(node) for node in refitted}
+    joins = {node: join for node, join in joins.items() if join is not None and join[0].outputs[0].name in targets}
+    session_read = reader(pruned, [node.inputs[0].name for node in refitted] + [j[1].name for j in joins.values()],
+                          feeds, overridable=overridable)
     overrides: dict[str, np.ndarray] = {}
     stale = False
 
@@ -240,15 +283,14 @@ def reconstruct_sinks(pruned: ir.Model, groups, removed: set[int], targets: dict
         weight = node.inputs[1].const_value.numpy()
         keep_out = _kept_outputs(node, groups, removed, None)
         xs = [sink_rows(node, xi, weight) for xi in read(node.inputs[0].name)]
-        ys = [output_rows(node, yi) for yi in targets.pop(node.outputs[0].name)]
-        ys = [y[:, keep_out] if keep_out is not None else y for y in ys]
-        xs, ys = _subsample(xs, ys, rng)
+        ys, weights, through = _fit_targets(node, targets, joins.get(node), read, keep_out)
+        xs, ys, weights = _subsample(xs, ys, weights, rng)
         bias_value = node.inputs[2] if len(node.inputs) > 2 else None
         has_bias = node.op_type in ("Conv", "Gemm") and bias_value is not None and \
             bias_value.const_value is not None and bias_value.const_value.size == ys[0].shape[1]
         old_matrix, old_bias = weight_matrix(node, weight), _bias(bias_value) if has_bias else None
-        matrix, bias, ridge, errors, before, after = fit_layer(xs, ys, old_matrix, old_bias)
-        del xs, ys
+        matrix, bias, ridge, errors, before, after = fit_layer(xs, ys, old_matrix, old_bias, weights)
+        del xs, ys, weights
         if ridge is None:
             yield node, (f"kept its weights: a refit did worse on held-out calibration feeds "
                          f"({min(v for k, v in errors.items() if k is not None):.4f} vs {errors[None]:.4f})")
@@ -262,23 +304,62 @@ def reconstruct_sinks(pruned: ir.Model, groups, removed: set[int], targets: dict
             overrides[node.inputs[index].name] = array
             replace_constant_input(pruned, node, index, array, ".refit")
         held = f", held-out {errors[None]:.4f} -> {errors[ridge]:.4f}" if errors else ""
-        yield node, (f"refitted by least squares (ridge {ridge:g}): relative output error "
+        yield node, (f"refitted by least squares{through} (ridge {ridge:g}): relative output error "
                      f"{before:.4f} -> {after:.4f}{held}")
 
 
-def _subsample(xs, ys, rng):
-    """At most MAX_ROWS rows in all, taken evenly from every feed."""
+def _fit_targets(node: ir.Node, targets, join, read, keep_out):
+    """(the rows the sink's refit should output per feed, their weights or None, how they were
+    made, for the report).
+
+    Through a residual join the target is what the sum needs from the sink now: the original
+    sum less the other operand as the pruned model computes it (and less the bias), so the
+    refit also makes up for the drift upstream of the join instead of only matching the
+    sink's own original output.
+    """
+    axis = 1 if node.op_type == "Conv" else -1
+    if join is None or join[0].outputs[0].name not in targets:
+        return [output_rows(node, y) for y in _kept(targets.pop(node.outputs[0].name), keep_out, axis)], None, ""
+    add, other, bias = join
+    sums = _kept(targets.pop(add.outputs[0].name), keep_out, axis)
+    weights = _layer_norm_weights(node, add, sums)
+    offset = bias.const_value.numpy() if bias is not None else 0.0
+    rows = []
+    for total, now in zip(sums, read(other.name)):  # not in place: captures may be cached
+        rows.append(output_rows(node, total - now - offset))
+    del sums
+    through = f" to the sum of residual Add {add.name or add.outputs[0].name}"
+    return rows, weights, through + (" weighted as its LayerNormalization sees it" if weights else "")
+
+
+def _layer_norm_weights(node: ir.Node, add: ir.Node, sums) -> list[np.ndarray] | None:
+    """1/σ of each row of the original sum when a LayerNormalization over the last axis reads
+    it alone: the normalisation divides each token's error by that σ, so a token with a small
+    spread weighs more downstream (the first-order weight of the LayerNorm's Jacobian)."""
+    uses = list(add.outputs[0].uses())
+    if node.op_type == "Conv" or len(uses) != 1 or add.outputs[0].is_graph_output():
+        return None
+    norm = uses[0].node
+    axis = _attr(norm, "axis", -1)
+    if norm.op_type != "LayerNormalization" or uses[0].idx != 0 or axis not in (-1, sums[0].ndim - 1):
+        return None
+    return [1.0 / np.maximum(s.reshape(-1, s.shape[-1]).std(axis=1, keepdims=True), 1e-12) for s in sums]
+
+
+def _kept(arrays, keep, axis):
+    return arrays if keep is None else [np.take(a, keep, axis=axis) for a in arrays]
+
+
+def _subsample(xs, ys, weights, rng):
+    """At most MAX_ROWS rows in all, taken evenly from every feed (with their row weights)."""
     total = sum(x.shape[0] for x in xs)
     if total <= MAX_ROWS:
-        return xs, ys
+        return xs, ys, weights
     share = MAX_ROWS / total
-    out_x, out_y = [], []
-    for x, y in zip(xs, ys):
-        count = max(1, int(round(x.shape[0] * share)))
-        pick = rng.choice(x.shape[0], min(count, x.shape[0]), replace=False)
-        out_x.append(x[pick])
-        out_y.append(y[pick])
-    return out_x, out_y
+    picks = [rng.choice(x.shape[0], min(max(1, int(round(x.shape[0] * share))), x.shape[0]), replace=False)
+             for x in xs]
+    return ([x[p] for x, p in zip(xs, picks)], [y[p] for y, p in zip(ys, picks)],
+            None if weights is None else [w[p] for w, p in zip(weights, picks)])
 
 
 def _bias(value):
@@ -289,5 +370,6 @@ def _kept_outputs(node: ir.Node, groups, removed: set[int], count) -> list[int] 
     """Output channels the sink keeps when it is also a pruned source; None when all stay."""
     for source in groups.sources:
         if source.node is node:
-            return [i for i, a in enumerate(source.atoms) if groups.unit(a) not in removed]
+            kept = [i for i, a in enumerate(source.atoms) if groups.unit(a) not in removed]
+            return kept if len(kept) < len(source.atoms) else None
     return None

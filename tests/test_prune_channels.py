@@ -504,3 +504,129 @@ def test_channel_groups_of_a_residual_couple_both_sources():
     groups = channel_groups(result.model)
     coupled = [g for g in groups.groups if len(groups.sources_of_group(g)) == 2]
     assert len(coupled) == 1 and len(coupled[0]) == 8
+
+
+
+def _ffn(n: Net, x: str, w1, b1, w2, activation: str | None = "Relu", rng=RNG) -> str:
+    """x + W2·act(W1·x + b1) + b2, with the bias Add between the second MatMul and the
+    residual Add, as exporters write it."""
+    h = n.op("Add", [n.op("MatMul", [x, n.w(w1)]), n.w(b1)])
+    h = n.op(activation, [h]) if activation else h
+    return n.op("Add", [n.w(rng.standard_normal(w2.shape[1]) * 0.1), n.op("MatMul", [h, n.w(w2)])])
+
+
+def _drifting_residual(width=8, hidden=16, seed=0):
+    """Two residual FFNs. The first is linear, and the neurons l1 drops carry almost nothing
+    but a large bias: what they added is a constant that its refit cannot make (its kept
+    neurons are zero-mean and a MatMul has no bias to refit), so the residual stream drifts by
+    a constant. The second FFN's ReLU neurons can make a constant."""
+    rng = np.random.default_rng(seed)
+    n = Net([1, 6, width])
+    w1 = rng.standard_normal((width, hidden)) * 0.5
+    b1 = np.zeros(hidden)
+    w1[:, hidden // 2:] *= 0.01
+    b1[hidden // 2:] = 2.0
+    s1 = n.op("Add", [_ffn(n, "x", w1, b1, rng.standard_normal((hidden, width)) * 0.5, activation=None, rng=rng), "x"])
+    y2 = _ffn(n, s1, rng.standard_normal((width, hidden)) * 0.5, rng.standard_normal(hidden) * 0.1,
+              rng.standard_normal((hidden, width)) * 0.5, rng=rng)
+    return n.model(n.op("Relu", [n.op("Add", [y2, s1])]))
+
+
+def _refits(result) -> dict[str, np.ndarray]:
+    return {k: v.const_value.numpy() for k, v in result.model.graph.initializers.items() if k.endswith(".refit")}
+
+
+def test_a_sink_feeding_a_residual_is_fitted_to_the_original_sum(monkeypatch):
+    """The second FFN's input and residual both drift after the first is pruned; fitting its
+    output to the original sum less the drifted residual leaves much less error at the output
+    than fitting it to its own original output."""
+    import onnxcompress.reconstruct as reconstruct
+
+    model = _drifting_residual()
+    feeds, held_out = feeds_for(model, count=24), feeds_for(model, count=8, seed=99)
+    ref = outputs(model, held_out)
+
+    def error(m):
+        return sum(float(np.linalg.norm(x - r)) for x, r in zip(outputs(m, held_out), ref))
+
+    compensated, entry = prune(model, "prune-channels{ratio=0.5,reconstruct=true}", feeds)
+    (detail,) = [r.detail for r in entry.records if "refitted" in r.detail]
+    assert "to the sum of residual Add add6" in detail
+    monkeypatch.setattr(reconstruct, "residual_join", lambda node: None)
+    own_output, _ = prune(model, "prune-channels{ratio=0.5,reconstruct=true}", feeds)
+    assert error(compensated.model) < 0.9 * error(own_output.model)
+
+
+def test_a_residual_that_did_not_drift_gives_the_own_output_refit(monkeypatch):
+    """Exact limit: the FFN's residual is the graph input, which pruning leaves alone, so the
+    original sum less it is the sink's own original output: both targets give one refit."""
+    import onnxcompress.reconstruct as reconstruct
+
+    n = Net([1, 6, 8])
+    y = _ffn(n, "x", RNG.standard_normal((8, 16)), RNG.standard_normal(16), RNG.standard_normal((16, 8)))
+    model = n.model(n.op("Relu", [n.op("Add", ["x", y])]))
+    feeds = feeds_for(model, count=24)
+    compensated, entry = prune(model, "prune-channels{ratio=0.5,reconstruct=true}", feeds)
+    assert any("to the sum of residual Add" in r.detail for r in entry.records)
+    monkeypatch.setattr(reconstruct, "residual_join", lambda node: None)
+    own_output, _ = prune(model, "prune-channels{ratio=0.5,reconstruct=true}", feeds)
+    (name,) = _refits(compensated)
+    np.testing.assert_allclose(_refits(compensated)[name], _refits(own_output)[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_broadcast_residual_is_not_used_as_a_target():
+    """A residual operand of another shape (here a mean over tokens) is broadcast into the sum:
+    the sink is fitted to its own output."""
+    n = Net([1, 6, 8])
+    y = _ffn(n, "x", RNG.standard_normal((8, 16)), RNG.standard_normal(16), RNG.standard_normal((16, 8)))
+    model = n.model(n.op("Relu", [n.op("Add", [y, n.op("ReduceMean", ["x"], axes=[1], keepdims=1)])]))
+    feeds = feeds_for(model, count=12)
+    _, entry = prune(model, "prune-channels{ratio=0.5,reconstruct=true}", feeds)
+    (detail,) = [r.detail for r in entry.records if "refitted" in r.detail]
+    assert "residual" not in detail
+
+
+def test_uniform_row_weights_give_the_unweighted_refit():
+    """Exact limit of the LayerNorm weighting: every row weighted alike is the plain fit (the
+    ridge strength scales with the rows)."""
+    from onnxcompress.reconstruct import fit_layer
+
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((20, 6)) for _ in range(8)]
+    ys = [x @ rng.standard_normal((6, 4)) + 0.1 * rng.standard_normal((20, 4)) for x in xs]
+    anchor = rng.standard_normal((6, 4))
+    plain = fit_layer(xs, ys, anchor, np.zeros(4))
+    weighted = fit_layer(xs, ys, anchor, np.zeros(4), [np.full((20, 1), 7.0) for _ in xs])
+    assert plain[2] == weighted[2]
+    np.testing.assert_allclose(weighted[0], plain[0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(weighted[1], plain[1], rtol=1e-9, atol=1e-12)
+
+
+def _ffn_into_layer_norm(seed=0):
+    rng = np.random.default_rng(seed)
+    n = Net([1, 12, 8])
+    y = _ffn(n, "x", rng.standard_normal((8, 32)) * 0.5, rng.standard_normal(32) * 0.1,
+             rng.standard_normal((32, 8)) * 0.5, rng=rng)
+    norm = n.op("LayerNormalization", [n.op("Add", [y, "x"]), n.w(np.ones(8)), n.w(np.zeros(8))], axis=-1)
+    return n.model(n.op("Relu", [norm]))
+
+
+def test_a_sum_read_by_layer_norm_is_fitted_with_its_tokens_weighted(monkeypatch):
+    """Tokens of very different spread: the LayerNorm divides each token's error by its σ, so
+    weighting the fit the same way leaves less error after the LayerNorm."""
+    import onnxcompress.reconstruct as reconstruct
+
+    model = _ffn_into_layer_norm()
+    spread = np.geomspace(0.05, 20.0, 12).reshape(1, 12, 1).astype(np.float32)
+    feeds = [{"x": f["x"] * spread} for f in feeds_for(model, count=24)]
+    held_out = [{"x": f["x"] * spread} for f in feeds_for(model, count=8, seed=99)]
+    ref = outputs(model, held_out)
+
+    def error(m):
+        return sum(float(np.linalg.norm(x - r)) for x, r in zip(outputs(m, held_out), ref))
+
+    weighted, entry = prune(model, "prune-channels{ratio=0.5,reconstruct=true}", feeds)
+    assert any("weighted as its LayerNormalization sees it" in r.detail for r in entry.records)
+    monkeypatch.setattr(reconstruct, "_layer_norm_weights", lambda node, add, sums: None)
+    unweighted, _ = prune(model, "prune-channels{ratio=0.5,reconstruct=true}", feeds)
+    assert error(weighted.model) < 0.9 * error(unweighted.model)
