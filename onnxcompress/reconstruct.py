@@ -231,8 +231,10 @@ def residual_join(node: ir.Node):
 
 
 def _same_known_shape(*values: ir.Value) -> bool:
+    """Every value has one shape whose dims are all numbers or named (an unnamed dim may differ)."""
     shapes = [v.shape for v in values]
-    return shapes[0] is not None and all(d is not None for d in shapes[0]) and all(s == shapes[0] for s in shapes)
+    known = shapes[0] is not None and all(isinstance(d, int) or d.value is not None for d in shapes[0])
+    return known and all(s == shapes[0] for s in shapes)
 
 
 def reconstruction_targets(model: ir.Model, groups, removed: set[int], feeds: list[dict]) -> dict[str, list[np.ndarray]]:

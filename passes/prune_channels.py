@@ -65,6 +65,9 @@ class PruneChannels(CompressionPass):
     are refitted by least squares (He et al. 2017) so its output on the calibration data
     matches the original's; the fit is pulled towards the pruned weights with a strength
     chosen on held-out calibration feeds, and a layer keeps its weights when no refit helps.
+    A consumer whose output is added to a residual branch is fitted to the original sum less
+    that branch as pruned (so it absorbs the drift before it), weighted per token as a
+    LayerNormalization reading the sum would weigh it.
 
     Per node (``@PATTERN{...}``): ``ratio``, ``min_channels`` and ``round_to`` of a channel
     group, or ``skip=true``. A group is matched by its sources, the Conv/Gemm/MatMul nodes
