@@ -227,16 +227,21 @@ def quantize_blocks(w: np.ndarray, block_size: int, qtype: QType, symmetric: boo
     padded = np.zeros((n_blocks * block_size, n))
     padded[:k] = w
     blocks = padded.T.reshape(n, n_blocks, block_size)
+    scale, zero_point, lo = block_grid(blocks, qtype, symmetric)
+    q = round_half_even(blocks / scale[..., None].astype(np.float64)) + zero_point[..., None]
+    return Blocks(np.clip(q, lo, qtype.qmax).astype(qtype.numpy), scale, zero_point, k)
+
+
+def block_grid(blocks: np.ndarray, qtype: QType, symmetric: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """(float32 scale, zero point, lowest code) of each block, the blocks along the last axis
+    of ``blocks``: symmetric ``max|block| / qmax`` on ``[-qmax, qmax]``, or affine over the
+    block's range widened to contain 0."""
     if symmetric:
         peak = np.max(np.abs(blocks), axis=-1)
         scale = np.where(peak > 0, peak / qtype.qmax, 1.0).astype(np.float32)
-        zero_point = np.zeros(scale.shape, dtype=qtype.numpy)
-        lo = -qtype.qmax
-    else:
-        scale, zero_point = affine_params_array(blocks.min(axis=-1), blocks.max(axis=-1), qtype)
-        lo = qtype.qmin
-    q = round_half_even(blocks / scale[..., None].astype(np.float64)) + zero_point[..., None]
-    return Blocks(np.clip(q, lo, qtype.qmax).astype(qtype.numpy), scale, zero_point, k)
+        return scale, np.zeros(scale.shape, dtype=qtype.numpy), -qtype.qmax
+    scale, zero_point = affine_params_array(blocks.min(axis=-1), blocks.max(axis=-1), qtype)
+    return scale, zero_point, qtype.qmin
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:

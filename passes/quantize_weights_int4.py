@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxcompress.activations import stream
 from onnxcompress.conv_split import prepared
+from onnxcompress.errors import CalibrationError
+from onnxcompress.gptq import input_gram, quantize_blocks_gptq
 from onnxcompress.initializers import Names, drop_if_unused, new_initializer
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
@@ -44,10 +48,17 @@ class QuantizeWeightsInt4Options(PassOptions):
     mixed: bool = option(False, "also quantize the float weights left in a model that is already partly "
                                 "quantized (mixed precision per node); weights already quantized are "
                                 "never touched. false: a quantized model is left alone")
+    method: Literal["rtn", "gptq"] = option("rtn", "round each weight to the nearest code (rtn), or GPTQ: "
+                                                   "quantize K rows in order, moving each row's error onto the "
+                                                   "rows left so the output on calibration data moves least "
+                                                   "(needs --calib)")
+    damp: float = option(0.01, "gptq: share of the mean diagonal of XᵀX added to it, in (0, 1]")
     min_elements: int = option(0, "leave weights with fewer elements alone")
     exclude: str = option("", "regular expression: nodes whose name matches are left alone")
 
     def __post_init__(self):
+        if not 0 < self.damp <= 1:
+            self.fail("damp", f"must be in (0, 1], got {self.damp}")
         size = self.block_size
         if size < 16 or size & (size - 1):
             self.fail("block_size", f"must be a power of two, 16 or more, got {size}")
@@ -103,7 +114,7 @@ class QuantizeWeightsInt4(CompressionPass):
 
     name = "quantize-weights-int4"
     Options = QuantizeWeightsInt4Options
-    per_node = ("block_size", "symmetric", "accuracy_level")
+    per_node = ("block_size", "symmetric", "accuracy_level", "method")
     prerequisites = ("lift-constants",)
     lossless = False
 
@@ -113,6 +124,7 @@ class QuantizeWeightsInt4(CompressionPass):
         names = Names(model)
         outcomes = Outcomes(model)
         changed = 0
+        chosen = {}
         for weight, sites in weight_sites(model, self.options, outcomes.refuse, self.skipped_by_plan).items():
             options = self.node_options(sites[0].node)  # a shared weight follows its first reader
             k, n = sites[0].shape
@@ -120,7 +132,10 @@ class QuantizeWeightsInt4(CompressionPass):
             if reason := shrink_reason(f"the {k}×{n} weight in blocks of {options.block_size}", before, after):
                 outcomes.add([site.node for site in sites], False, reason)
                 continue
-            detail = self._rewrite(model, weight, sites, names, options)
+            chosen[weight] = sites, options
+        grams = self._input_grams(model, [sites for sites, options in chosen.values() if options.method == "gptq"])
+        for weight, (sites, options) in chosen.items():
+            detail = self._rewrite(model, weight, sites, names, options, grams.get(weight))
             bias = {site.node: site.bias_text() for site in sites}
             outcomes.add(bias, True, lambda node: detail + bias[node])
             changed += len(sites)
@@ -144,15 +159,40 @@ class QuantizeWeightsInt4(CompressionPass):
                 out += [Candidate(self.name, node_label(s.node), s.node.op_type, what) for s in sites]
         return out
 
+    def _input_grams(self, model: ir.Model, chosen: list[list[WeightSite]]) -> dict[ir.Value, np.ndarray]:
+        """XᵀX of each GPTQ weight's inputs on the calibration feeds (summed over its readers),
+        read in one run of the float model before any weight changes."""
+        if not chosen:
+            return {}
+        if not self.context.calibration:
+            raise CalibrationError("quantize-weights-int4 with method=gptq needs calibration data (--calib)")
+        readers: dict[str, list[ir.Value]] = {}  # input name -> the weights it multiplies (Q, K, V share one)
+        for sites in chosen:
+            for site in sites:
+                readers.setdefault(site.node.inputs[0].name, []).append(sites[0].weight)
+        k_of = {sites[0].weight: sites[0].shape[0] for sites in chosen}
+        grams = {name: np.zeros((k_of[weights[0]],) * 2) for name, weights in readers.items()}
+        for values in stream(model, list(readers), self.context.calibration):
+            for name, gram in grams.items():
+                gram += input_gram([values[name]], gram.shape[0])
+        per_weight: dict[ir.Value, np.ndarray] = {}
+        for name, weights in readers.items():
+            for weight in weights:
+                per_weight[weight] = per_weight[weight] + grams[name] if weight in per_weight else grams[name]
+        return per_weight
+
     def _rewrite(self, model: ir.Model, weight: ir.Value, sites: list[WeightSite], names: Names,
-                 options: QuantizeWeightsInt4Options) -> str:
+                 options: QuantizeWeightsInt4Options, gram: np.ndarray | None) -> str:
         w = sites[0].matrix()
         k, n = w.shape
+        qtype = INT4 if options.symmetric else UINT4
+        if gram is not None:
+            blocks = quantize_blocks_gptq(w, gram, options.block_size, qtype, options.symmetric, options.damp)
+        else:
+            blocks = quantize_blocks(w, options.block_size, qtype, symmetric=options.symmetric)
         if options.symmetric:
-            blocks = quantize_blocks(w, options.block_size, INT4, symmetric=True)
             codes = (blocks.q.astype(np.int16) + SYMMETRIC_ZERO_POINT).astype(np.uint8)
         else:
-            blocks = quantize_blocks(w, options.block_size, UINT4, symmetric=False)
             codes = blocks.q
         base = weight.name or "weight"
         b_value = new_initializer(model, names.unique(f"{base}_int4"), pack_nibbles(codes))
@@ -172,6 +212,7 @@ class QuantizeWeightsInt4(CompressionPass):
         drop_if_unused(weight)
         before, after = FLOAT_BYTES * k * n, _size_after(k, n, options)
         grid = "int4 symmetric" if options.symmetric else "uint4 with zero points"
+        grid += ", GPTQ on the calibration inputs" if gram is not None else ""
         shared = f"; shared by {len(sites)} nodes" if len(sites) > 1 else ""
         return (f"{grid}, blocks of {options.block_size} along K ({blocks.q.shape[1]} per column), "
                 f"weight {k}×{n}: {size_text(before, after, k * n)}{shared}")

@@ -8,7 +8,8 @@ import onnx_ir as ir
 import pytest
 from onnxcompress.passes.quantize_weights_int4 import QuantizeWeightsInt4, QuantizeWeightsInt4Options
 
-from onnxcompress.errors import OptionError
+import onnxcompress
+from onnxcompress.errors import CalibrationError, OptionError
 from onnxcompress.options import parse_options
 from onnxcompress.pipeline import Pipeline
 from onnxcompress.quantization import INT4, UINT4, pack_nibbles, quantize_blocks
@@ -122,6 +123,57 @@ def test_block_codes_and_packing():
     np.testing.assert_array_equal(pack_nibbles(np.array([[1, 2, 3], [15, 0, 7]])), [[0x21, 0x03], [0x0F, 0x07]])
     signed = quantize_blocks(on_block_grid(40, 3, 16, True), 16, INT4, symmetric=True)
     assert signed.q.min() == -7 and signed.q.max() == 7 and not signed.zero_point.any()
+
+
+# ---------------------------------------------------------------------------- GPTQ
+
+
+def correlated_model_and_feeds(k=K, n=N, count=8, seed=3):
+    """A MatMul whose inputs are strongly correlated across K (where GPTQ has something to
+    move errors along), and calibration feeds for it."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
+    mix = np.eye(k) + 2.0 * rng.standard_normal((k, k)) / np.sqrt(k)
+    feeds = [{"x": (rng.standard_normal((2, 16, k)) @ mix).astype(np.float32)} for _ in range(count)]
+    return matmul_model(w), feeds
+
+
+def test_gptq_moves_the_output_less_than_round_to_nearest():
+    model, feeds = correlated_model_and_feeds()
+    held_out = correlated_model_and_feeds(seed=3, count=16)[1][8:]
+    expected = [run(model, f)[0] for f in held_out]
+
+    def error(pipeline):
+        result = onnxcompress.compress(model, pipeline, calibration=feeds)
+        assert sum(n.op_type == "MatMulNBits" for n in result.model.graph) == 1
+        return sum(float(np.linalg.norm(run(result.model, f)[0] - e)) for f, e in zip(held_out, expected)), result
+
+    rtn, _ = error("quantize-weights-int4{accuracy_level=0}")
+    gptq, result = error("quantize-weights-int4{accuracy_level=0,method=gptq}")
+    assert gptq < 0.8 * rtn
+    (entry,) = [p for p in result.report.passes if p.name == "quantize-weights-int4"]
+    assert "GPTQ on the calibration inputs" in entry.records[0].detail
+
+
+def test_gptq_per_node_and_the_codes_onnxruntime_reads():
+    """method per node; the GPTQ node's MatMulNBits computes with the blocks GPTQ chose."""
+    from onnxcompress.gptq import input_gram, quantize_blocks_gptq
+
+    model, feeds = correlated_model_and_feeds()
+    w = find_node(model, "mm").inputs[1].const_value.numpy()
+    gram = input_gram([f["x"] for f in feeds], K)
+    dequantized = quantize_blocks_gptq(w, gram, 32, UINT4, symmetric=False).dequantize()
+    result = onnxcompress.compress(model, "quantize-weights-int4{accuracy_level=0,@mm{method=gptq}}",
+                                   calibration=feeds)
+    assert_close([feeds[0]["x"] @ dequantized], run(result.model, feeds[0]), rel=1e-5)
+
+
+def test_gptq_without_calibration_is_one_clear_error():
+    model, _ = correlated_model_and_feeds()
+    before = ir.to_proto(model).SerializeToString()
+    with pytest.raises(CalibrationError, match="method=gptq needs calibration data"):
+        onnxcompress.compress(model, "quantize-weights-int4{method=gptq}")
+    assert ir.to_proto(model).SerializeToString() == before
 
 
 # ---------------------------------------------------------------------------- bias folding
@@ -246,6 +298,8 @@ def test_already_quantized_model_is_left_alone():
         ({"accuracy_level": "5"}, "accuracy_level' must be 0, 1, 2, 3 or 4"),
         ({"min_elements": "-3"}, "min_elements' must be 0 or more"),
         ({"exclude": "[a"}, "not a valid regular expression"),
+        ({"damp": "0"}, "damp' must be in \\(0, 1\\]"),
+        ({"method": "awq"}, "method"),
     ],
 )
 def test_bad_options(values, message):
