@@ -238,12 +238,17 @@ def _same_known_shape(*values: ir.Value) -> bool:
 
 
 def reconstruction_targets(model: ir.Model, groups, removed: set[int], feeds: list[dict]) -> dict[str, list[np.ndarray]]:
-    """What each sink that will lose inputs is fitted to, on the calibration feeds, read from
-    the model before it is pruned (so no copy of the whole original has to be kept): the sum
-    of the residual Add it feeds where both operands have its known shape (no broadcast),
-    or else its own output."""
+    """:func:`refit_targets` of the sinks that will lose inputs, before the model is pruned."""
+    return refit_targets(model, pruned_sinks(model, groups, removed), feeds)
+
+
+def refit_targets(model: ir.Model, sinks: list[ir.Node], feeds: list[dict]) -> dict[str, list[np.ndarray]]:
+    """What each of ``sinks`` will be fitted to, on the calibration feeds, read from the model
+    before it is rewritten (so no copy of the whole original has to be kept): the sum of the
+    residual Add it feeds where both operands have its known shape (no broadcast), or else
+    its own output."""
     names = []
-    for node in pruned_sinks(model, groups, removed):
+    for node in sinks:
         join = residual_join(node)
         if join and _same_known_shape(node.outputs[0], join[1], join[0].outputs[0]):
             names.append(join[0].outputs[0].name)
@@ -255,26 +260,35 @@ def reconstruction_targets(model: ir.Model, groups, removed: set[int], feeds: li
 def reconstruct_sinks(pruned: ir.Model, groups, removed: set[int], targets: dict[str, list[np.ndarray]],
                       feeds: list[dict]):
     """Refit each sink that lost inputs to its original outputs ``targets``
-    (:func:`reconstruction_targets`); yields (node, what was done) for the report.
+    (:func:`reconstruction_targets`), keeping only the output channels it keeps as a source;
+    yields (node, what was done) for the report (:func:`refit_layers`)."""
+    return refit_layers(pruned, pruned_sinks(pruned, groups, removed), targets, feeds,
+                        lambda node: _kept_outputs(node, groups, removed, None))
 
-    One onnxruntime session of the pruned model reads every sink's input; the weights refitted
-    so far are fed to it in place of the pruned ones (they are also written into the model).
-    A refitted constant the session cannot take as an input (not an initializer) makes the
-    later reads capture from the model as it is then. ``targets`` is consumed.
+
+def refit_layers(model: ir.Model, sinks: list[ir.Node], targets: dict[str, list[np.ndarray]], feeds: list[dict],
+                 kept_outputs=lambda node: None):
+    """Refit each of ``sinks`` (in graph order) to what ``targets`` (:func:`refit_targets`, read
+    before the rewrite) says it should output; ``kept_outputs(node)`` names the output
+    channels that stay (None: all). Yields (node, what was done) for the report.
+
+    One onnxruntime session of the rewritten model reads every sink's input; the weights
+    refitted so far are fed to it in place of the rewritten ones (they are also written into
+    the model). A refitted constant the session cannot take as an input (not an initializer)
+    makes the later reads capture from the model as it is then. ``targets`` is consumed.
     """
-    sinks = pruned_sinks(pruned, groups, removed)
     refitted = [node for node in sinks if refittable(node) is None]
     overridable = {v.name for node in refitted for v in node.inputs[1:3]
-                   if v is not None and v.name in pruned.graph.initializers}
+                   if v is not None and v.name in model.graph.initializers}
     joins = {node: residual_join(node) for node in refitted}
     joins = {node: join for node, join in joins.items() if join is not None and join[0].outputs[0].name in targets}
-    session_read = reader(pruned, [node.inputs[0].name for node in refitted] + [j[1].name for j in joins.values()],
+    session_read = reader(model, [node.inputs[0].name for node in refitted] + [j[1].name for j in joins.values()],
                           feeds, overridable=overridable)
     overrides: dict[str, np.ndarray] = {}
     stale = False
 
     def read(name: str) -> list[np.ndarray]:
-        return capture(pruned, [name], feeds)[name] if stale else session_read(name, overrides)
+        return capture(model, [name], feeds)[name] if stale else session_read(name, overrides)
 
     rng = np.random.default_rng(0)
     for node in sinks:
@@ -283,7 +297,7 @@ def reconstruct_sinks(pruned: ir.Model, groups, removed: set[int], targets: dict
             yield node, f"not refitted: {reason}"
             continue
         weight = node.inputs[1].const_value.numpy()
-        keep_out = _kept_outputs(node, groups, removed, None)
+        keep_out = kept_outputs(node)
         xs = [sink_rows(node, xi, weight) for xi in read(node.inputs[0].name)]
         ys, weights, through = _fit_targets(node, targets, joins.get(node), read, keep_out)
         xs, ys, weights = _subsample(xs, ys, weights, rng)
@@ -304,7 +318,7 @@ def reconstruct_sinks(pruned: ir.Model, groups, removed: set[int], targets: dict
         for index, array in refits.items():
             stale |= node.inputs[index].name not in overridable
             overrides[node.inputs[index].name] = array
-            replace_constant_input(pruned, node, index, array, ".refit")
+            replace_constant_input(model, node, index, array, ".refit")
         held = f", held-out {errors[None]:.4f} -> {errors[ridge]:.4f}" if errors else ""
         yield node, (f"refitted by least squares{through} (ridge {ridge:g}): relative output error "
                      f"{before:.4f} -> {after:.4f}{held}")
