@@ -87,8 +87,9 @@ FAMILIES: dict[str, Family] = {
         _family("int8", "quantize-qdq", "precision", [("calibration", "mse")], "", ("int8",), "{}"),
         _family("share", "cluster-weights", "precision", [("form", "indexed")], "clusters", (256,), "share {}"),
         Family("int8-dynamic", "quantize-dynamic", "precision", (("mixed", "true"),),
-               ((), (("table_bits", "4"),)), ("int8-dynamic", "int4 table"), ((), ("Gather",))),
-        _family("int4", "quantize-weights-int4", "precision", [("mixed", "true")], "", ("int4",), "{}"),
+               ((), (("table_bits", "4"),), (("table_bits", "4"), ("table_block", "64"))),
+               ("int8-dynamic", "int4 table", "int4 table, blocks of 64"), ((), ("Gather",), ("Gather",))),
+        _family("int4", "quantize-weights-int4", "precision", [("mixed", "true"), ("method", "gptq")], "", ("int4",), "{}"),
     )
 }
 
