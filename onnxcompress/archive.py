@@ -296,8 +296,7 @@ def _pack_tensors(original: bytes, model: onnx.ModelProto, weights: list[tuple[_
         kinds = [tensor_codecs.Kind.of(site.tensor.data_type, len(raw)) for site, raw in weights]
         # largest first, so that one big tensor does not start last
         order = sorted(range(len(sites)), key=lambda i: -len(raws[i]))
-        futures = {i: tensors.submit(tensor_codecs.encode, raws[i], kinds[i], planes, _known(sites[i].tensor, raws[i]))
-                   for i in order}
+        futures = {i: tensors.submit(_encode, sites[i].tensor, raws[i], kinds[i], planes) for i in order}
         encoded = [futures[i].result() for i in range(len(sites))]
     for site in sites:
         site.tensor.raw_data = b""
@@ -313,6 +312,11 @@ def _pack_tensors(original: bytes, model: onnx.ModelProto, weights: list[tuple[_
     header = {"original": _original_field(original), "encoding": "tensors", "blobs": offset,
               "graph": {"codec": codec, "offset": 0, "length": len(graph_blob)}, "tensors": entries}
     return _assemble(header, blobs)
+
+
+def _encode(tensor: onnx.TensorProto, raw: bytes, kind: tensor_codecs.Kind, planes) -> tensor_codecs.Encoded:
+    """The encoding pack keeps for one tensor (run in a worker thread, metadata codebooks too)."""
+    return tensor_codecs.encode(raw, kind, planes, _known(tensor, raw))
 
 
 def _known(tensor: onnx.TensorProto, raw: bytes) -> tuple[tensor_codecs.Encoded, ...]:

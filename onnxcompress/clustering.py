@@ -143,10 +143,13 @@ def from_codebook_metadata(array: np.ndarray, metadata) -> Clustered | None:
         return None
     shape = [1] * array.ndim
     shape[axis] = -1
-    normalized = np.nan_to_num(array / scales.reshape(shape))
-    indices = _nearest(normalized.ravel(), codebook).astype(np.uint8).reshape(array.shape)
+    normalized = array / scales.reshape(shape)  # a NaN lands on the last entry; the check below catches it
+    midpoints = ((codebook[:-1].astype(np.float64) + codebook[1:]) / 2).astype(normalized.dtype)
+    indices = np.searchsorted(midpoints, normalized.ravel()).astype(np.uint8).reshape(array.shape)
     found = Clustered(codebook, indices, scales, axis)
-    return found if found.rebuild().astype(array.dtype).tobytes() == array.tobytes() else None
+    bits = np.dtype(f"<u{array.dtype.itemsize}")  # bit for bit: -0.0 is not 0.0
+    rebuilt = np.ascontiguousarray(found.rebuild().astype(array.dtype))
+    return found if np.array_equal(rebuilt.view(bits), np.ascontiguousarray(array).view(bits)) else None
 
 
 def _base64(array: np.ndarray) -> str:
