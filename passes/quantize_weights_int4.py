@@ -93,6 +93,13 @@ class QuantizeWeightsInt4(CompressionPass):
     on a shared 2-core machine) 13.0 ms for MatMulNBits against 14.3 ms for QDQ, within the
     noise (FP32: 19.4 ms); MatMulNBits needs no opset 21 and no graph optimisation.
 
+    ``method=gptq`` (Frantar et al. 2023, :mod:`onnxcompress.gptq`) fills the same blocks
+    from the calibration data: one run of the model as it is before the pass reads each
+    weight's input X, and the rows of W are quantized in order, each row's rounding error
+    moved onto the rows not yet quantized through (XᵀX + λI)⁻¹, so X·W moves least. It needs
+    calibration data (CalibrationError otherwise) and gives round-to-nearest's codes when no
+    input correlates with another.
+
     Exact limit: a weight already on its block grid (each block ``(q - z)·s`` with codes
     reaching 0 and 15, or ±7 when symmetric) reproduces the float MatMul to 1e-5 relative
     with ``accuracy_level=0``.
@@ -106,10 +113,11 @@ class QuantizeWeightsInt4(CompressionPass):
     matching ``exclude``; a weight whose quantized form would not be smaller (a small K
     padded to a whole block). Nodes inside If/Loop/Scan bodies are not visited.
 
-    Per node (``@PATTERN{...}``): ``block_size``, ``symmetric`` and ``accuracy_level``, or
-    ``skip=true`` to leave the node alone (refused, naming the pattern). A weight read by
-    several nodes is quantized once, with the options of its first reader in graph order; a
-    reader left alone keeps the float weight, so all its readers are refused.
+    Per node (``@PATTERN{...}``): ``block_size``, ``symmetric``, ``accuracy_level`` and
+    ``method``, or ``skip=true`` to leave the node alone (refused, naming the pattern). A
+    weight read by several nodes is quantized once, with the options of its first reader in
+    graph order (its GPTQ inputs pooled over its readers); a reader left alone keeps the float
+    weight, so all its readers are refused.
     """
 
     name = "quantize-weights-int4"
