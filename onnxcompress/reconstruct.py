@@ -293,6 +293,8 @@ def refit_layers(model: ir.Model, sinks: list[ir.Node], targets: dict[str, list[
     rng = np.random.default_rng(0)
     for node in sinks:
         reason = refittable(node)
+        if not reason and node not in joins and node.outputs[0].name not in targets:
+            reason = "the residual Add it was to be fitted through is gone after the rewrite"
         if reason:
             yield node, f"not refitted: {reason}"
             continue

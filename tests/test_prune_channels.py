@@ -630,3 +630,25 @@ def test_a_sum_read_by_layer_norm_is_fitted_with_its_tokens_weighted(monkeypatch
     monkeypatch.setattr(reconstruct, "_layer_norm_weights", lambda node, add, sums: None)
     unweighted, _ = prune(model, "prune-channels{ratio=0.5,reconstruct=true}", feeds)
     assert error(weighted.model) < 0.9 * error(unweighted.model)
+
+
+def test_a_residual_gone_after_the_rewrite_leaves_the_sink_unfitted(monkeypatch):
+    """The target was read through a residual Add that the rewritten model no longer shows:
+    the sink is reported as not refitted, not fitted to the wrong values."""
+    import onnxcompress.reconstruct as reconstruct
+
+    real, seen = reconstruct.residual_join, set()
+
+    def only_before_the_rewrite(node):
+        if node.name in seen:
+            return None
+        seen.add(node.name)
+        return real(node)
+
+    monkeypatch.setattr(reconstruct, "residual_join", only_before_the_rewrite)
+    n = Net([1, 6, 8])
+    y = _ffn(n, "x", RNG.standard_normal((8, 16)), RNG.standard_normal(16), RNG.standard_normal((16, 8)))
+    model = n.model(n.op("Relu", [n.op("Add", ["x", y])]))
+    _, entry = prune(model, "prune-channels{ratio=0.5,reconstruct=true}", feeds_for(model, count=12))
+    (detail,) = [r.detail for r in entry.records if r.node == "matmul2" and r.action == "rewritten"]
+    assert detail == "not refitted: the residual Add it was to be fitted through is gone after the rewrite"
