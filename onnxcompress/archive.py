@@ -204,7 +204,7 @@ def storage_report(onnx_bytes: bytes) -> list[TensorStorage]:
                 continue
             data = site.tensor.raw_data
             kind = tensor_codecs.Kind.of(site.tensor.data_type, len(data))
-            candidates, best = tensor_codecs.encodings(data, kind, planes, known=_known(site.tensor, data))
+            candidates, best = tensor_codecs.encodings(data, kind, planes, known=_known(data, *_described(site.tensor)))
             elements = math.prod(site.tensor.dims)
             sizes = tuple(EncodingSize(c.encoding, len(c.blob), 8 * len(c.blob) / max(elements, 1)) for c in candidates)
             chosen = best.encoding if len(data) >= MIN_TENSOR_BYTES else "inline"
@@ -296,11 +296,12 @@ def _pack_tensors(original: bytes, model: onnx.ModelProto, weights: list[tuple[_
         kinds = [tensor_codecs.Kind.of(site.tensor.data_type, len(raw)) for site, raw in weights]
         # largest first, so that one big tensor does not start last
         order = sorted(range(len(sites)), key=lambda i: -len(raws[i]))
-        futures = {i: tensors.submit(_encode, sites[i].tensor, raws[i], kinds[i], planes) for i in order}
+        # the workers get plain values, never the protobuf messages the main thread changes
+        futures = {i: tensors.submit(_encode, raws[i], kinds[i], planes, *_described(sites[i].tensor)) for i in order}
+        for site in sites:  # the raw bytes were copied out: the graph compresses beside the tensors
+            site.tensor.raw_data = b""
+        codec, graph_blob = _compress_graph(model.SerializeToString())
         encoded = [futures[i].result() for i in range(len(sites))]
-    for site in sites:
-        site.tensor.raw_data = b""
-    codec, graph_blob = _compress_graph(model.SerializeToString())
     entries, blobs, offset = [], [graph_blob], len(graph_blob)
     for site, raw, enc in zip(sites, raws, encoded):
         entries.append({"locator": site.locator, "name": site.name, "dtype": tensor_codecs.dtype_name(site.tensor.data_type),
@@ -314,15 +315,19 @@ def _pack_tensors(original: bytes, model: onnx.ModelProto, weights: list[tuple[_
     return _assemble(header, blobs)
 
 
-def _encode(tensor: onnx.TensorProto, raw: bytes, kind: tensor_codecs.Kind, planes) -> tensor_codecs.Encoded:
+def _described(tensor: onnx.TensorProto) -> tuple[int, list[int], dict[str, str]]:
+    return tensor.data_type, list(tensor.dims), {p.key: p.value for p in tensor.metadata_props}
+
+
+def _encode(raw: bytes, kind: tensor_codecs.Kind, planes, data_type: int, dims: list[int],
+            metadata: dict[str, str]) -> tensor_codecs.Encoded:
     """The encoding pack keeps for one tensor (run in a worker thread, metadata codebooks too)."""
-    return tensor_codecs.encode(raw, kind, planes, _known(tensor, raw))
+    return tensor_codecs.encode(raw, kind, planes, _known(raw, data_type, dims, metadata))
 
 
-def _known(tensor: onnx.TensorProto, raw: bytes) -> tuple[tensor_codecs.Encoded, ...]:
+def _known(raw: bytes, data_type: int, dims: list[int], metadata: dict[str, str]) -> tuple[tensor_codecs.Encoded, ...]:
     """Encodings the tensor's metadata makes possible (a codebook shared by scaled channels)."""
-    metadata = {p.key: p.value for p in tensor.metadata_props}
-    found = tensor_codecs.scaled_codebook_encode(raw, tensor.data_type, list(tensor.dims), metadata) if metadata else None
+    found = tensor_codecs.scaled_codebook_encode(raw, data_type, dims, metadata) if metadata else None
     return (found,) if found is not None else ()
 
 
