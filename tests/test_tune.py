@@ -187,6 +187,20 @@ def test_weight_only_precisions_combine_per_node():
     assert all(("mixed", "true") in f.base for f in families if f.slot == "precision")
 
 
+def test_weight_only_knobs_probe_gptq_int4_and_both_int4_tables():
+    int4 = FAMILIES["int4"]
+    assert probe_pipeline(Knob(int4, 0, "/mm", "MatMul")) == \
+        "quantize-weights-int4{mixed=true,method=gptq,@/mm(/lowrank_a)?{},@.*{skip=true}}"
+    dynamic = FAMILIES["int8-dynamic"]
+    assert dynamic.labels == ("int8-dynamic", "int4 table", "int4 table, blocks of 64")
+    assert probe_pipeline(Knob(dynamic, 2, "/emb/Gather", "Gather")) == \
+        "quantize-dynamic{mixed=true,@/emb/Gather(/lowrank_a)?{table_bits=4,table_block=64},@.*{skip=true}}"
+    for text in (probe_pipeline(Knob(int4, 0, "/mm", "MatMul")), probe_pipeline(Knob(dynamic, 2, "/emb/Gather", "Gather"))):
+        assert str(Pipeline.parse(text)).endswith(text)
+    assert [dynamic.applies(level, "MatMul") for level in range(3)] == [True, False, False]
+    assert all(dynamic.applies(level, "Gather") for level in range(3))
+
+
 @pytest.mark.parametrize("text, message", [
     ("", "name at least one"), ("int8,fp16", "unknown knob 'fp16'"), ("int8,int4", "int8 and int4 do not combine"),
     ("share,int8", "share and int8 do not combine")])
