@@ -55,32 +55,16 @@ class _Walker:
     # Each method returns the pieces of the message's content between start and end.
 
     def model(self, start: int, end: int) -> list:
-        def child(number, index, content, after):
-            if number == _MODEL_GRAPH:
-                return "graph", self.graph
-            if number == _MODEL_FUNCTIONS:
-                return f"functions[{index}]", self.function
-            return None
-
-        return self._message(start, end, child)
+        return self._message(start, end, self._fields("", {
+            _MODEL_GRAPH: ("graph", self.graph), _MODEL_FUNCTIONS: ("functions[{i}]", self.function)}))
 
     def graph(self, start: int, end: int, where: str) -> list:
-        def child(number, index, content, after):
-            if number == _GRAPH_NODE:
-                return f"{where}.node[{index}]", self.node
-            if number == _GRAPH_INITIALIZER:
-                return f"{where}.initializer[{index}]", self.tensor
-            if number == _GRAPH_SPARSE:
-                return f"{where}.sparse_initializer[{index}]", self.sparse
-            return None
-
-        return self._message(start, end, child)
+        return self._message(start, end, self._fields(where, {
+            _GRAPH_NODE: (".node[{i}]", self.node), _GRAPH_INITIALIZER: (".initializer[{i}]", self.tensor),
+            _GRAPH_SPARSE: (".sparse_initializer[{i}]", self.sparse)}))
 
     def function(self, start: int, end: int, where: str) -> list:
-        def child(number, index, content, after):
-            return (f"{where}.node[{index}]", self.node) if number == _FUNCTION_NODE else None
-
-        return self._message(start, end, child)
+        return self._message(start, end, self._fields(where, {_FUNCTION_NODE: (".node[{i}]", self.node)}))
 
     def node(self, start: int, end: int, where: str) -> list:
         def child(number, index, content, after):
@@ -92,27 +76,25 @@ class _Walker:
         return self._message(start, end, child)
 
     def attribute(self, start: int, end: int, where: str) -> list:
-        def child(number, index, content, after):
-            return {
-                _ATTR_T: (where, self.tensor),
-                _ATTR_G: (where, self.graph),
-                _ATTR_TENSORS: (f"{where}[{index}]", self.tensor),
-                _ATTR_GRAPHS: (f"{where}[{index}]", self.graph),
-                _ATTR_SPARSE: (where, self.sparse),
-                _ATTR_SPARSES: (f"{where}[{index}]", self.sparse),
-            }.get(number)
-
-        return self._message(start, end, child)
+        return self._message(start, end, self._fields(where, {
+            _ATTR_T: ("", self.tensor), _ATTR_G: ("", self.graph), _ATTR_SPARSE: ("", self.sparse),
+            _ATTR_TENSORS: ("[{i}]", self.tensor), _ATTR_GRAPHS: ("[{i}]", self.graph),
+            _ATTR_SPARSES: ("[{i}]", self.sparse)}))
 
     def sparse(self, start: int, end: int, where: str) -> list:
-        def child(number, index, content, after):
-            if number == _SPARSE_VALUES:
-                return f"{where}.values", self.tensor
-            if number == _SPARSE_INDICES:
-                return f"{where}.indices", self.tensor
-            return None
+        return self._message(start, end, self._fields(where, {
+            _SPARSE_VALUES: (".values", self.tensor), _SPARSE_INDICES: (".indices", self.tensor)}))
 
-        return self._message(start, end, child)
+    @staticmethod
+    def _fields(where: str, table: dict[int, tuple[str, Callable]]) -> Callable:
+        """The ``child`` of :meth:`_message` for a message whose fields on the way to tensors
+        are ``table``: field number -> (locator suffix, with ``{i}`` for the field's index
+        among its repeats; walker)."""
+        def child(number, index, content, after):
+            entry = table.get(number)
+            return None if entry is None else (where + entry[0].format(i=index), entry[1])
+
+        return child
 
     def tensor(self, start: int, end: int, where: str) -> list:
         payload = self.payloads.get(where)
