@@ -238,17 +238,12 @@ def _same_known_shape(*values: ir.Value) -> bool:
 
 
 def reconstruction_targets(model: ir.Model, groups, removed: set[int], feeds: list[dict]) -> dict[str, list[np.ndarray]]:
-    """:func:`refit_targets` of the sinks that will lose inputs, before the model is pruned."""
-    return refit_targets(model, pruned_sinks(model, groups, removed), feeds)
-
-
-def refit_targets(model: ir.Model, sinks: list[ir.Node], feeds: list[dict]) -> dict[str, list[np.ndarray]]:
-    """What each of ``sinks`` will be fitted to, on the calibration feeds, read from the model
-    before it is rewritten (so no copy of the whole original has to be kept): the sum of the
-    residual Add it feeds where both operands have its known shape (no broadcast), or else
-    its own output."""
+    """What each sink that will lose inputs is fitted to, on the calibration feeds, read from
+    the model before it is pruned (so no copy of the whole original has to be kept): the sum
+    of the residual Add it feeds where both operands have its known shape (no broadcast),
+    or else its own output."""
     names = []
-    for node in sinks:
+    for node in pruned_sinks(model, groups, removed):
         join = residual_join(node)
         if join and _same_known_shape(node.outputs[0], join[1], join[0].outputs[0]):
             names.append(join[0].outputs[0].name)
@@ -257,26 +252,18 @@ def refit_targets(model: ir.Model, sinks: list[ir.Node], feeds: list[dict]) -> d
     return capture(model, names, feeds)
 
 
-def reconstruct_sinks(pruned: ir.Model, groups, removed: set[int], targets: dict[str, list[np.ndarray]],
+def reconstruct_sinks(model: ir.Model, groups, removed: set[int], targets: dict[str, list[np.ndarray]],
                       feeds: list[dict]):
-    """Refit each sink that lost inputs to its original outputs ``targets``
-    (:func:`reconstruction_targets`), keeping only the output channels it keeps as a source;
-    yields (node, what was done) for the report (:func:`refit_layers`)."""
-    return refit_layers(pruned, pruned_sinks(pruned, groups, removed), targets, feeds,
-                        lambda node: _kept_outputs(node, groups, removed, None))
+    """Refit each sink that lost inputs, in graph order, to what ``targets``
+    (:func:`reconstruction_targets`) says it should output, its kept output channels only;
+    yields (node, what was done) for the report.
 
-
-def refit_layers(model: ir.Model, sinks: list[ir.Node], targets: dict[str, list[np.ndarray]], feeds: list[dict],
-                 kept_outputs=lambda node: None):
-    """Refit each of ``sinks`` (in graph order) to what ``targets`` (:func:`refit_targets`, read
-    before the rewrite) says it should output; ``kept_outputs(node)`` names the output
-    channels that stay (None: all). Yields (node, what was done) for the report.
-
-    One onnxruntime session of the rewritten model reads every sink's input; the weights
-    refitted so far are fed to it in place of the rewritten ones (they are also written into
+    One onnxruntime session of the pruned model reads every sink's input; the weights
+    refitted so far are fed to it in place of the pruned ones (they are also written into
     the model). A refitted constant the session cannot take as an input (not an initializer)
     makes the later reads capture from the model as it is then. ``targets`` is consumed.
     """
+    sinks = pruned_sinks(model, groups, removed)
     refitted = [node for node in sinks if refittable(node) is None]
     overridable = {v.name for node in refitted for v in node.inputs[1:3]
                    if v is not None and v.name in model.graph.initializers}
@@ -299,7 +286,7 @@ def refit_layers(model: ir.Model, sinks: list[ir.Node], targets: dict[str, list[
             yield node, f"not refitted: {reason}"
             continue
         weight = node.inputs[1].const_value.numpy()
-        keep_out = kept_outputs(node)
+        keep_out = _kept_outputs(node, groups, removed)
         xs = [sink_rows(node, xi, weight) for xi in read(node.inputs[0].name)]
         ys, weights, through = _fit_targets(node, targets, joins.get(node), read, keep_out)
         xs, ys, weights = _subsample(xs, ys, weights, rng)
@@ -336,7 +323,7 @@ def _fit_targets(node: ir.Node, targets, join, read, keep_out):
     sink's own original output.
     """
     axis = 1 if node.op_type == "Conv" else -1
-    if join is None or join[0].outputs[0].name not in targets:
+    if join is None:
         return [output_rows(node, y) for y in _kept(targets.pop(node.outputs[0].name), keep_out, axis)], None, ""
     add, other, bias = join
     sums = _kept(targets.pop(add.outputs[0].name), keep_out, axis)
@@ -384,7 +371,7 @@ def _bias(value):
     return value.const_value.numpy().reshape(-1) if value is not None and value.const_value is not None else None
 
 
-def _kept_outputs(node: ir.Node, groups, removed: set[int], count) -> list[int] | None:
+def _kept_outputs(node: ir.Node, groups, removed: set[int]) -> list[int] | None:
     """Output channels the sink keeps when it is also a pruned source; None when all stay."""
     for source in groups.sources:
         if source.node is node:
