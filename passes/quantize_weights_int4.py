@@ -174,19 +174,18 @@ class QuantizeWeightsInt4(CompressionPass):
             return {}
         if not self.context.calibration:
             raise CalibrationError("quantize-weights-int4 with method=gptq needs calibration data (--calib)")
-        readers: dict[str, list[ir.Value]] = {}  # input name -> the weights it multiplies (Q, K, V share one)
+        readers: dict[str, list[WeightSite]] = {}  # input name -> the sites it feeds (Q, K, V share one)
         for sites in chosen:
             for site in sites:
-                readers.setdefault(site.node.inputs[0].name, []).append(sites[0].weight)
-        k_of = {sites[0].weight: sites[0].shape[0] for sites in chosen}
-        grams = {name: np.zeros((k_of[weights[0]],) * 2) for name, weights in readers.items()}
+                readers.setdefault(site.node.inputs[0].name, []).append(site)
+        grams = {name: np.zeros((sites[0].shape[0],) * 2) for name, sites in readers.items()}
         for values in stream(model, list(readers), self.context.calibration):
             for name, gram in grams.items():
                 gram += input_gram([values[name]], gram.shape[0])
         per_weight: dict[ir.Value, np.ndarray] = {}
-        for name, weights in readers.items():
-            for weight in weights:
-                per_weight[weight] = per_weight[weight] + grams[name] if weight in per_weight else grams[name]
+        for name, sites in readers.items():
+            for site in sites:
+                per_weight[site.weight] = per_weight.get(site.weight, 0.0) + grams[name]
         return per_weight
 
     def _rewrite(self, model: ir.Model, weight: ir.Value, sites: list[WeightSite], names: Names,
