@@ -144,8 +144,7 @@ def from_codebook_metadata(array: np.ndarray, metadata) -> Clustered | None:
     shape = [1] * array.ndim
     shape[axis] = -1
     normalized = array / scales.reshape(shape)  # a NaN lands on the last entry; the check below catches it
-    midpoints = ((codebook[:-1].astype(np.float64) + codebook[1:]) / 2).astype(normalized.dtype)
-    indices = np.searchsorted(midpoints, normalized.ravel()).astype(np.uint8).reshape(array.shape)
+    indices = _nearest(normalized.ravel(), codebook).astype(np.uint8).reshape(array.shape)
     found = Clustered(codebook, indices, scales, axis)
     bits = np.dtype(f"<u{array.dtype.itemsize}")  # bit for bit: -0.0 is not 0.0
     rebuilt = np.ascontiguousarray(found.rebuild().astype(array.dtype))
