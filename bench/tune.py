@@ -44,8 +44,9 @@ def meets(value: float, base: float, target) -> bool:
     return value >= limit if kind == "at_least" else value >= base - limit
 
 
-def bench(name: str, jobs: list[int], samples: int) -> str:
-    budget, knobs, key, target = SETTINGS[name]
+def bench(name: str, jobs: list[int], samples: int, budget: str | None = None, fill: int = 0) -> str:
+    default_budget, knobs, key, target = SETTINGS[name]
+    budget = budget or default_budget
     source = models.fetch(name)
     feeds = models.calibration_feeds(name, samples)
     fit = feeds[: (len(feeds) + 1) // 2]
@@ -55,7 +56,7 @@ def bench(name: str, jobs: list[int], samples: int) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         for j in jobs:
             start = time.perf_counter()
-            result = onnxcompress.tune(str(source), feeds, budget, "size", knobs=knobs, jobs=j)
+            result = onnxcompress.tune(str(source), feeds, budget, "size", knobs=knobs, jobs=j, fill=fill)
             seconds = time.perf_counter() - start
             if tuned is None:
                 tuned = result
@@ -65,7 +66,7 @@ def bench(name: str, jobs: list[int], samples: int) -> str:
                 rows.append({"model": f"tuned (-j {j})", "size MB": initializer_bytes(result.model) / 1e6,
                              key: value, "target met": meets(value, base_metric, target),
                              "latency": latency_ratio(source, path, feed), "tune s": seconds,
-                             "steps": f"{result.chosen.k} of {result.result['of_steps']}"})
+                             "steps": f"{result.chosen.steps} of {result.result['of_steps']}"})
             else:
                 rows.append({"model": f"tuned (-j {j})", "tune s": seconds,
                              "steps": "same plan" if result.pipeline == tuned.pipeline else "another plan"})
@@ -86,8 +87,9 @@ def bench(name: str, jobs: list[int], samples: int) -> str:
                          "latency": latency_ratio(source, path, feed)})
     best = min((size, preset) for ok, size, preset in uniform if ok) if any(ok for ok, *_ in uniform) else None
     table = markdown_table(rows, ["model", "size MB", key, "target met", "latency", "tune s", "steps"])
+    filled = f", fill {fill}" if fill else ""
     lines = [f"**{name}** (FP32 {key} {base_metric:.4f}; tuned for `{budget}` on the held-out half of "
-             f"{len(feeds)} calibration feeds, knobs `{knobs}`)", "", table, ""]
+             f"{len(feeds)} calibration feeds, knobs `{knobs}`{filled})", "", table, ""]
     if best is not None:
         gain = best[0] / initializer_bytes(tuned.model)
         missed = "" if rows[0]["target met"] else ", but misses the target"
@@ -102,9 +104,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "minilm_l6"])
     parser.add_argument("--jobs", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--budget", help="the budget for every model given (default: each model's own, above)")
+    parser.add_argument("--fill", type=int, default=0, help="tune's fill: verification runs after the bisection")
     args = parser.parse_args()
     for name in args.models:
-        print(bench(name, args.jobs, args.samples), flush=True)
+        print(bench(name, args.jobs, args.samples, args.budget, args.fill), flush=True)
         print()
 
 

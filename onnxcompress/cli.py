@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     tun.add_argument("--knobs", default=None, help="knob families to turn per node, comma-separated (default: int8,prune,low-rank,low-rank-gemm)")
     tun.add_argument("-j", "--jobs", type=int, default=1, help="probe in N worker processes")
     tun.add_argument("--metric", metavar="MODULE:FUNCTION", help="your metric: called with a model path, returns a number, higher is better")
+    tun.add_argument("--fill", type=int, default=0, metavar="N",
+                     help="after the bisection, up to N more verification runs, each adding one later step if the budget still holds "
+                          "(default 0; the plan then fits the check feeds more closely: give a large --validation set)")
     tun.add_argument("--best-effort", action="store_true", help="write the best plan found even when it misses the budget")
     tun.add_argument("--report-html", metavar="PATH", help="write a self-contained HTML report of the tuning")
     tun.add_argument("--base", default="default", help="the pipeline every plan starts with (default: the default preset)")
@@ -240,7 +243,8 @@ def _tune(args) -> int:
     try:
         with StageBars() as bars:
             result = tune(args.input, args.calib, args.budget, args.objective, args.knobs or DEFAULT_KNOBS,
-                          args.jobs, args.metric, args.best_effort, args.base, args.calib_limit, args.validation, bars)
+                          args.jobs, args.metric, args.best_effort, args.base, args.calib_limit, args.validation, bars,
+                          args.fill)
     except MetricError as exc:
         if exc.details:
             print(exc.details.rstrip(), file=sys.stderr)
@@ -256,11 +260,12 @@ def _tune_summary(result) -> str:
     rewritten = sum(p.status == "rewritten" for p in probes)
     lines = [f"sensitivity: {len(probes)} probes ({rewritten} rewrote their node, {len(probes) - rewritten} refused or failed) "
              f"in {result.timings['sensitivity_s']:.1f} s"]
-    rows = [("k", "predicted damage", "damage", result.objective, "budget")]
+    rows = [("plan", "predicted damage", "damage", result.objective, "budget")]
     for p in result.points:
         mark = "within" if p.within_budget else p.reason
-        rows.append((str(p.k), f"{p.predicted_damage:.3g}", f"{p.damage:.3g}", f"{p.objective:,.0f}", mark + (" <- chosen" if p is result.chosen else "")))
-    lines += ["search (plans of the first k steps of the greedy order, run whole):", _table(rows)]
+        rows.append((p.label, f"{p.predicted_damage:.3g}", f"{p.damage:.3g}", f"{p.objective:,.0f}", mark + (" <- chosen" if p is result.chosen else "")))
+    lines += ["search (plans of the first k steps of the greedy order, + the later steps the fill added, run whole):",
+              _table(rows)]
     base, out = result.baseline["objective"], result.result["objective"]
     if base and out:
         lines.append(f"{result.objective}: {base:,.0f} -> {out:,.0f} ({base / out:.2f}x) within '{result.budget}'"

@@ -14,6 +14,13 @@ run at k = all, then a bisection between the last plan that held and the first t
 (monotone in practice; each run is recorded, so the explored points form the Pareto front of
 objective against measured damage). Backing off from a plan that breaks the budget is the
 bisection step towards fewer knobs.
+
+The bisection stops at the first step that breaks the budget, but later steps may still fit
+in what is left of it (the additive prediction is only a guide: a step's real damage in the
+whole plan can be far from its probe's). The *fill* then tries the steps after the prefix one
+at a time, in greedy order, each added to the plan so far and kept if the whole plan still
+keeps the budget, until ``tries`` verification runs are spent. A (node, slot) whose step broke
+the budget is not tried again at a higher level (more damage, by the hull).
 """
 
 from __future__ import annotations
@@ -78,25 +85,31 @@ def _slope(a: ProbeResult | None, b: ProbeResult) -> float:
     return math.inf if dd <= 0 else ds / dd
 
 
-def plan_at(order: list[Step], k: int) -> dict[tuple[str, str], Knob]:
-    """The (node, slot) -> knob choice after the first ``k`` steps."""
+def _taken(order: list[Step], k: int, extra: tuple[int, ...]) -> list[Step]:
+    return order[:k] + [order[i] for i in sorted(extra)]
+
+
+def plan_at(order: list[Step], k: int, extra: tuple[int, ...] = ()) -> dict[tuple[str, str], Knob]:
+    """The (node, slot) -> knob choice after the first ``k`` steps and the steps ``extra``
+    (indices past ``k``)."""
     choice: dict[tuple[str, str], Knob] = {}
-    for step in order[:k]:
+    for step in _taken(order, k, extra):
         choice[step.key] = step.knob
     return choice
 
 
-def predicted(order: list[Step], k: int) -> tuple[float, float]:
-    """(damage, saving) the additive model predicts for the first ``k`` steps."""
+def predicted(order: list[Step], k: int, extra: tuple[int, ...] = ()) -> tuple[float, float]:
+    """(damage, saving) the additive model predicts for the first ``k`` steps and ``extra``."""
     last: dict[tuple[str, str], Step] = {}
-    for step in order[:k]:
+    for step in _taken(order, k, extra):
         last[step.key] = step
     return sum(s.damage for s in last.values()), sum(s.saving for s in last.values())
 
 
 @dataclasses.dataclass
 class Point:
-    """One verified plan: the first ``k`` steps of the greedy order, run whole."""
+    """One verified plan: the first ``k`` steps of the greedy order and the fill's ``extra``
+    steps (indices into the order), run whole."""
 
     k: int
     predicted_damage: float
@@ -106,10 +119,20 @@ class Point:
     measures: dict  # drift metrics and the user metric, as measured
     reason: str  # why it broke the budget ('' when within)
     pipeline: str
+    extra: tuple[int, ...] = ()
+
+    @property
+    def steps(self) -> int:
+        return self.k + len(self.extra)
+
+    @property
+    def label(self) -> str:
+        return f"k={self.k}" + (f" + {','.join(str(i + 1) for i in self.extra)}" if self.extra else "")
 
     def to_dict(self) -> dict:
         return {
-            "label": f"k={self.k}", "k": self.k, "predicted_damage": self.predicted_damage,
+            "label": self.label, "k": self.k, "extra": list(self.extra), "steps": self.steps,
+            "predicted_damage": self.predicted_damage,
             "objective": self.objective, "damage": self.damage, "within_budget": self.within_budget,
             "verified": True, "metric": self.measures.get("metric"), "measures": self.measures,
             "reason": self.reason, "pipeline": self.pipeline,
@@ -138,6 +161,26 @@ def bisect_plans(count: int, verify: Callable[[int], Point]) -> tuple[list[Point
         else:
             bad = mid
     return sorted(points.values(), key=lambda p: p.k), points[good]
+
+
+def fill_plan(order: list[Step], start: Point, verify: Callable[[int, tuple[int, ...]], Point],
+              tries: int) -> tuple[list[Point], Point]:
+    """Every point the fill verified, and the plan it ends with: ``start`` (a prefix within
+    budget whose next step broke it) with each later step that still keeps the budget."""
+    chosen, points = start, []
+    refused = {order[start.k].key} if start.k < len(order) else set()  # the step the bisection stopped at
+    for i in range(start.k + 1, len(order)):
+        if len(points) >= tries:
+            break
+        if order[i].key in refused:
+            continue
+        point = verify(start.k, chosen.extra + (i,))
+        points.append(point)
+        if point.within_budget:
+            chosen = point
+        else:
+            refused.add(order[i].key)
+    return points, chosen
 
 
 def pareto_front(points: list[Point]) -> list[Point]:

@@ -11,7 +11,9 @@ the best objective within a budget.
    *check* feeds), or on ``validation`` data when given: reconstruction fits its feeds, so
    drift measured on them would call an over-fitted layer exact;
 3. selection (:mod:`onnxcompress.search`): the greedy order of the sensitivity table, then
-   verification runs of whole plans, bisecting to the largest plan within the budget;
+   verification runs of whole plans, bisecting to the largest plan within the budget, then
+   with ``fill``, up to that many more runs, each trying one later step on top of the plan
+   (more runs judged on the same check feeds: the plan fits them more closely, see the README);
 4. the chosen plan as a pipeline string (and plan file) that ``optimize`` runs to the same
    model, bit for bit, from the same input and the fit feeds.
 
@@ -56,7 +58,7 @@ from onnxcompress.modelio import initializer_bytes, load_model, save_model, writ
 from onnxcompress.plan import write_plan
 from onnxcompress.report import finite
 from onnxcompress.runtime import make_session, run_all
-from onnxcompress.search import Point, bisect_plans, greedy_order, pareto_front, plan_at, predicted
+from onnxcompress.search import Point, bisect_plans, fill_plan, greedy_order, pareto_front, plan_at, predicted
 from onnxcompress.sensitivity import (
     Objective,
     Prober,
@@ -238,6 +240,7 @@ def tune(
     calibration_limit: int | None = None,
     validation=None,
     progress: Callable[[str, int, int], None] | None = None,
+    fill: int = 0,
 ) -> TuneResult:
     """Tune ``model`` (path, ModelProto or ir.Model; never modified); see the module docstring."""
     timings: dict[str, float] = {}
@@ -248,6 +251,8 @@ def tune(
     families = parse_families(knobs)
     if jobs < 1:
         raise OnnxCompressError(f"-j must be 1 or more, got {jobs}")
+    if fill < 0:
+        raise OnnxCompressError(f"--fill must be 0 or more, got {fill}")
     metric_fn = load_metric(metric) if isinstance(metric, str) else metric
     if budget.needs_metric and metric_fn is None:
         raise OnnxCompressError(f"budget '{budget}' names the metric: give --metric module:function")
@@ -275,10 +280,10 @@ def tune(
     t = time.perf_counter()
     order = greedy_order(successful(probes))
 
-    def verify(k: int) -> Point:
+    def verify(k: int, extra: tuple[int, ...] = ()) -> Point:
         # Under the pass manager with its instruments, exactly as `optimize -p PLAN` runs it, so
         # that the plan reproduces this model bit for bit.
-        pipeline = plan_pipeline(base, families, plan_at(order, k))
+        pipeline = plan_pipeline(base, families, plan_at(order, k, extra))
         run = compress(original, pipeline, calibration=feeds)
         candidate = run.model
         drift = drift_against(reference_outputs, candidate, check_feeds)
@@ -288,13 +293,16 @@ def tune(
         if value is not None:
             measures["metric"] = value
         if progress:
-            progress("search", k, len(order))
-        verified[k] = run
-        return Point(k, predicted(order, k)[0], objective_fn(candidate), damage_of(drift), not problems,
-                     measures, "; ".join(problems), str(pipeline))
+            progress("search", k + len(extra), len(order))
+        verified[k, extra] = run
+        return Point(k, predicted(order, k, extra)[0], objective_fn(candidate), damage_of(drift), not problems,
+                     measures, "; ".join(problems), str(pipeline), extra)
 
-    verified: dict[int, Result] = {}
+    verified: dict[tuple[int, tuple[int, ...]], Result] = {}
     points, chosen = bisect_plans(len(order), verify)
+    if chosen is not None and fill:
+        filled, chosen = fill_plan(order, chosen, verify, fill)
+        points += filled
     timings["search_s"] = time.perf_counter() - t
     within = chosen is not None
     if chosen is None:
@@ -304,11 +312,11 @@ def tune(
         if not best_effort:
             raise BudgetUnreachable(message + "; nothing written (--best-effort writes the best found)")
         chosen = best
-    final = verified[chosen.k]
+    final = verified[chosen.k, chosen.extra]
     baseline = {"size": initializer_bytes(original), "objective": objective_fn(original),
                 "metric": {"metric": baseline_metric} if baseline_metric is not None else {}}
     result = {"size": initializer_bytes(final.model), "objective": chosen.objective, "metric": chosen.measures,
-              "steps": chosen.k, "of_steps": len(order)}
+              "steps": chosen.steps, "of_steps": len(order)}
     timings["total_s"] = time.perf_counter() - start
     passes = [p.to_dict() for p in final.report.passes]
     return TuneResult(final.model, chosen.pipeline, str(budget), objective, baseline, result, probes, points, chosen,

@@ -21,7 +21,7 @@ from onnxcompress.modelio import load_model, model_bytes
 from onnxcompress.partial_run import CachedRunner, signatures
 from onnxcompress.pipeline import Pipeline
 from onnxcompress.runtime import make_session, run_all
-from onnxcompress.search import Point, bisect_plans, greedy_order, pareto_front, plan_at, predicted
+from onnxcompress.search import Point, bisect_plans, fill_plan, greedy_order, pareto_front, plan_at, predicted
 from onnxcompress.sensitivity import ProbeResult, damage_of, run_pipeline
 from onnxcompress.metrics import Drift
 from onnxcompress.tuning import TuneBudget, tune
@@ -133,8 +133,8 @@ def test_greedy_order_sorts_by_saving_per_damage_and_keeps_a_nodes_steps_in_orde
     assert predicted(order, 0) == (0, 0)
 
 
-def _point(k, ok, objective=0.0, damage=0.0):
-    return Point(k, 0.0, objective, damage, ok, {}, "" if ok else "over", "")
+def _point(k, ok, objective=0.0, damage=0.0, extra=()):
+    return Point(k, 0.0, objective, damage, ok, {}, "" if ok else "over", "", extra)
 
 
 def test_bisection_finds_the_largest_plan_within_budget_in_log_runs():
@@ -155,6 +155,68 @@ def test_bisection_with_every_plan_within_or_none():
     points, chosen = bisect_plans(10, lambda k: _point(k, False))
     assert chosen is None and [p.k for p in points] == [0]
     assert bisect_plans(0, lambda k: _point(k, True))[1].k == 0
+
+
+def _fill_order():
+    # a: two levels (steps 0 and 3), b, c, d one each; sorted by saving per damage
+    results = [_probe("a", 1.0, 8.0, level=0), _probe("a", 3.0, 12.0, level=1), _probe("b", 1.0, 6.0),
+               _probe("c", 1.0, 4.0), _probe("d", 1.0, 1.5)]
+    order = greedy_order(results)
+    assert [(s.key[0], s.knob.level) for s in order] == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("d", 0)]
+    return order
+
+
+def test_fill_adds_later_steps_that_keep_the_budget_and_skips_slots_that_broke_it():
+    order = _fill_order()
+    breaks = {"b"}  # b's step breaks the budget whatever else is in the plan
+    calls = []
+
+    def verify(k, extra=()):
+        calls.append((k, extra))
+        nodes = {key[0] for key in plan_at(order, k, extra)}
+        return _point(k, not nodes & breaks, extra=extra)
+
+    points, chosen = bisect_plans(len(order), verify)
+    assert chosen.k == 1  # the bisection stops before b
+    filled, chosen = fill_plan(order, chosen, verify, tries=10)
+    # c (index 2) fits; a's second level (3) replaces its first; d (4) fits; b was never retried
+    assert [p.extra for p in filled] == [(2,), (2, 3), (2, 3, 4)]
+    assert chosen.extra == (2, 3, 4) and chosen.steps == 4 and chosen.label == "k=1 + 3,4,5"
+    assert {key[0]: knob.level for key, knob in plan_at(order, 1, chosen.extra).items()} == {"a": 1, "c": 0, "d": 0}
+    assert predicted(order, 1, (2, 3, 4)) == (3.0 + 1.0 + 1.0, 12.0 + 4.0 + 1.5)
+
+
+def test_fill_does_not_retry_a_slot_whose_lower_level_broke_and_stops_after_its_tries():
+    order = _fill_order()
+
+    def verify(k, extra=()):
+        nodes = {key[0] for key in plan_at(order, k, extra)}
+        return _point(k, "c" not in nodes, extra=extra)
+
+    start = _point(2, True)  # a and b, then c broke
+    filled, chosen = fill_plan(order, start, verify, tries=10)
+    assert [p.extra for p in filled] == [(3,), (3, 4)]
+    filled, chosen = fill_plan(order, start, verify, tries=1)
+    assert [p.extra for p in filled] == [(3,)] and chosen.extra == (3,)
+    filled, chosen = fill_plan(order, start, verify, tries=0)
+    assert filled == [] and chosen is start
+
+
+def test_a_failed_fill_step_is_not_kept():
+    order = _fill_order()
+
+    def verify(k, extra=()):
+        return _point(k, 3 not in extra, extra=extra)  # only a's second level breaks
+
+    filled, chosen = fill_plan(order, _point(2, True), verify, tries=10)
+    assert [(p.extra, p.within_budget) for p in filled] == [((3,), False), ((4,), True)]
+    assert chosen.extra == (4,)
+
+
+def test_fill_after_a_plan_of_every_step_has_nothing_to_try():
+    order = _fill_order()
+    filled, chosen = fill_plan(order, _point(len(order), True), lambda k, extra=(): pytest.fail("ran"), tries=10)
+    assert filled == [] and chosen.k == len(order)
 
 
 def test_pareto_front():
@@ -224,7 +286,7 @@ def test_budget_parsing():
 
 @pytest.fixture(scope="module")
 def digits_tuned(tmp_path_factory):
-    result = tune(str(DIGITS), _digits_feeds(), "sqnr>=25", "size")
+    result = tune(str(DIGITS), _digits_feeds(), "sqnr>=25", "size", fill=16)
     folder = tmp_path_factory.mktemp("tuned")
     written = result.save(folder / "digits.tuned.onnx", html=folder / "report.html")
     return result, written
@@ -243,6 +305,10 @@ def test_tune_keeps_the_budget_and_shrinks_the_model(digits_tuned):
     record = json.loads(written["record"].read_text())
     assert record["plan"] == result.pipeline and record["chosen"] is not None
     assert {p["k"] for p in record["explored"]} >= {0, result.chosen.k}
+    # on digits the bisection stops at 5 of 14 steps and the fill adds two later ones (the
+    # reproduction test below then covers a filled plan)
+    assert result.chosen.extra and record["explored"][record["chosen"]]["steps"] == result.chosen.steps
+    assert result.result["steps"] == result.chosen.k + len(result.chosen.extra)
     assert "<svg" in written["html"].read_text() or "data:image/png" in written["html"].read_text()
 
 
@@ -320,6 +386,7 @@ def test_a_metric_that_raises_shows_its_traceback_once_and_stops(tmp_path, capsy
     (["--budget", "top1>=0.9", "--knobs", "nope"], "unknown knob 'nope'"),
     (["--budget", "fast>=2"], "bad budget 'fast>=2'"),
     (["--budget", "top1>=0.9", "-j", "0"], "-j must be 1 or more"),
+    (["--budget", "top1>=0.9", "--fill", "-1"], "--fill must be 0 or more"),
     (["--budget", "top1>=0.9", "--metric", "nomodule"], "expected module:function"),
 ])
 def test_bad_tune_arguments_give_one_error_line(tmp_path, capsys, stacked_calib, args, message):
