@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import math
 from typing import Literal
 
 import numpy as np
@@ -24,6 +25,7 @@ INITS: tuple[str, ...] = ("linear", "kmeans++", "density")
 # Histogram bins for the fit, per cluster (at least MIN_FIT_BINS): far narrower than any cluster.
 FIT_BINS_PER_CLUSTER = 64
 MIN_FIT_BINS = 4096
+NEAREST_CELLS_PER_ENTRY = 8  # table cells per codebook entry in _nearest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,9 +208,35 @@ def _mean_of_nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def _nearest(values: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-    """Index of the nearest entry of a sorted codebook for each value (ties go to the lower)."""
+    """Index of the nearest entry of a sorted codebook for each value (ties go to the lower):
+    the number of midpoints below it, as ``searchsorted`` counts them.
+
+    A binary search per value is the slow part of clustering and of packing clustered weights,
+    so the count is read off a table of NEAREST_CELLS_PER_ENTRY equal cells per entry over the
+    midpoints' range (the count below each cell, plus one comparison with the next midpoint),
+    then checked against the two midpoints around it; the few values the check rejects (a cell
+    holding two midpoints, rounding at a cell's edge, NaN) are searched.
+    """
     midpoints = (codebook[:-1].astype(np.float64) + codebook[1:]) / 2
-    return np.searchsorted(midpoints, values, side="left").astype(np.int64)
+    span = float(midpoints[-1] - midpoints[0]) if midpoints.size else 0.0
+    if not (math.isfinite(span) and span > 0):
+        return np.searchsorted(midpoints, values, side="left").astype(np.int64)
+    cells, lo = NEAREST_CELLS_PER_ENTRY * codebook.size, float(midpoints[0])
+    scale = cells / span
+    below = np.searchsorted(midpoints, lo + np.arange(cells) / scale, side="left")
+    table = np.concatenate(([0], below, [midpoints.size]))  # under the range, its cells, over it
+    position = (values - lo) * scale + 1  # Python floats: float32 values stay float32
+    np.clip(position, 0, cells + 1, out=position)
+    with np.errstate(invalid="ignore"):  # NaN: any cell, the check below sends it to the search
+        cell = np.maximum(position.astype(np.intp), 0)
+    index = table[cell]
+    upper = np.append(midpoints, np.inf)
+    index += values > upper[index]
+    lower = np.concatenate(([-np.inf], midpoints))
+    wrong = ~((values > lower[index]) & (values <= upper[index]))
+    if wrong.any():
+        index[wrong] = np.searchsorted(midpoints, values[wrong], side="left")
+    return index
 
 
 def _nearest_nonzero(values: np.ndarray, codebook: np.ndarray, zero_index: int) -> np.ndarray:

@@ -125,6 +125,25 @@ def test_every_element_maps_to_its_nearest_entry():
     np.testing.assert_array_equal(chosen, distance.min(axis=1))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_the_nearest_entry_table_counts_midpoints_as_a_binary_search_does(seed):
+    # the table lookup must agree with searchsorted everywhere: ties on a midpoint (to the
+    # lower entry), entries closer than a table cell, values outside the range, NaN, inf, -0.0
+    from onnxcompress.clustering import _nearest
+
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(2, 257))
+    codebook = np.unique(rng.normal(size=size).astype(np.float32) * [1e-3, 1.0, 1e3][seed % 3])
+    codebook = np.unique(np.concatenate([codebook, codebook[:4] + np.float32(1e-6) * codebook[:4]]))
+    midpoints = (codebook[:-1].astype(np.float64) + codebook[1:]) / 2
+    values = np.concatenate([
+        (rng.normal(size=20_000) * 3 * np.abs(codebook).max()).astype(np.float32), codebook,
+        midpoints.astype(np.float32), np.array([np.nan, np.inf, -np.inf, 0.0, -0.0], np.float32)])
+    for v in (values, values.astype(np.float64), midpoints):
+        np.testing.assert_array_equal(_nearest(v, codebook), np.searchsorted(midpoints, v, side="left"))
+    assert _nearest(values, codebook[:1]).tolist() == [0] * values.size
+
+
 def test_constant_and_all_zero_arrays():
     assert np.array_equal(cluster_values(np.full(10, 2.5, np.float32), 4).rebuild(), np.full(10, 2.5, np.float32))
     assert np.array_equal(cluster_values(np.zeros(10, np.float32), 4).rebuild(), np.zeros(10, np.float32))
