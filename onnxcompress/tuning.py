@@ -294,7 +294,12 @@ def tune(
             measures["metric"] = value
         if progress:
             progress("search", k + len(extra), len(order))
-        verified[k, extra] = run
+        if not problems or (k, extra) == (0, ()):
+            # kept: the normalised model (--best-effort's fallback) and the latest plan within
+            # budget, the only one the bisection or the fill can still choose
+            for key in [key for key in verified if key != (0, ())]:
+                del verified[key]
+            verified[k, extra] = run
         return Point(k, predicted(order, k, extra)[0], objective_fn(candidate), damage_of(drift), not problems,
                      measures, "; ".join(problems), str(pipeline), extra)
 
