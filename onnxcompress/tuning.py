@@ -294,16 +294,16 @@ def tune(
             measures["metric"] = value
         if progress:
             progress("search", k + len(extra), len(order))
-        if not problems or (k, extra) == (0, ()):
-            # kept: the normalised model (--best-effort's fallback) and the latest plan within
-            # budget, the only one the bisection or the fill can still choose
-            for key in [key for key in verified if key != (0, ())]:
-                del verified[key]
-            verified[k, extra] = run
+        # kept: the normalised model (--best-effort's fallback) and the latest plan within
+        # budget, the only one the bisection or the fill can still choose
+        if (k, extra) == (0, ()):
+            kept["normalised"] = run
+        if not problems:
+            kept["within"] = run
         return Point(k, predicted(order, k, extra)[0], objective_fn(candidate), damage_of(drift), not problems,
                      measures, "; ".join(problems), str(pipeline), extra)
 
-    verified: dict[tuple[int, tuple[int, ...]], Result] = {}
+    kept: dict[str, Result] = {}
     points, chosen = bisect_plans(len(order), verify)
     if chosen is not None and fill:
         filled, chosen = fill_plan(order, chosen, verify, fill)
@@ -317,7 +317,7 @@ def tune(
         if not best_effort:
             raise BudgetUnreachable(message + "; nothing written (--best-effort writes the best found)")
         chosen = best
-    final = verified[chosen.k, chosen.extra]
+    final = kept["within" if within else "normalised"]
     baseline = {"size": initializer_bytes(original), "objective": objective_fn(original),
                 "metric": {"metric": baseline_metric} if baseline_metric is not None else {}}
     result = {"size": initializer_bytes(final.model), "objective": chosen.objective, "metric": chosen.measures,
