@@ -31,10 +31,11 @@ import onnxcompress  # noqa: E402
 from onnxcompress.modelio import initializer_bytes  # noqa: E402
 
 SETTINGS = {
-    # model: (budget on the check feeds, knobs, metric key, target: (kind, value))
-    "mobilenet_v2": ("top1>=0.99,sqnr>=36", "share,prune,low-rank,low-rank-gemm", "top1_agreement", ("at_least", 0.99)),
-    "minilm_l6": ("cosine>=0.992", "int4,int8-dynamic", "accuracy", ("drop_at_most", 0.005)),
-    "fmnist_cnn": ("top1>=0.99", "int8,prune,low-rank,low-rank-gemm", "accuracy", ("drop_at_most", 0.01)),
+    # model: (budget on the check feeds, knobs, metric key, target: (kind, value), calibration feeds)
+    "mobilenet_v2": ("top1>=0.99,sqnr>=36", "share,prune,low-rank,low-rank-gemm", "top1_agreement", ("at_least", 0.99), 32),
+    # 48 check feeds: on 16 the cosine budget is met by plans that lose 0.9 point on the evaluation texts
+    "minilm_l6": ("cosine>=0.992", "int4,int8-dynamic", "accuracy", ("drop_at_most", 0.005), 96),
+    "fmnist_cnn": ("top1>=0.99", "int8,prune,low-rank,low-rank-gemm", "accuracy", ("drop_at_most", 0.01), 32),
 }
 PRESETS = ["default", "int8", "int8-dynamic"]
 
@@ -44,9 +45,10 @@ def meets(value: float, base: float, target) -> bool:
     return value >= limit if kind == "at_least" else value >= base - limit
 
 
-def bench(name: str, jobs: list[int], samples: int, budget: str | None = None, fill: int = 0) -> str:
-    default_budget, knobs, key, target = SETTINGS[name]
+def bench(name: str, jobs: list[int], samples: int | None = None, budget: str | None = None, fill: int = 0) -> str:
+    default_budget, knobs, key, target, default_samples = SETTINGS[name]
     budget = budget or default_budget
+    samples = samples or default_samples
     source = models.fetch(name)
     feeds = models.calibration_feeds(name, samples)
     fit = feeds[: (len(feeds) + 1) // 2]
@@ -103,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "minilm_l6"])
     parser.add_argument("--jobs", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=int, help="calibration feeds, half of them for the check (default: each model's own, above)")
     parser.add_argument("--budget", help="the budget for every model given (default: each model's own, above)")
     parser.add_argument("--fill", type=int, default=0, help="tune's fill: verification runs after the bisection")
     args = parser.parse_args()
