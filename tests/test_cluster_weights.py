@@ -322,6 +322,33 @@ def test_channel_granularity_in_both_forms_and_pack_codes_it(tmp_path):
     assert unpack_bytes(pack_bytes(data)) == data
 
 
+def test_pack_tries_only_the_metadata_codebook_and_sparse_where_it_applies(tmp_path):
+    """Packing a scaled-codebook tensor skips the distinct-value codebook and zlib (the storage
+    report still measures them), and a mostly-zero one still gets its sparse candidate."""
+    import onnx
+    from onnxcompress import tensor_codecs
+    from onnxcompress.archive import _described, _known
+    from onnxcompress.modelio import save_model
+
+    model = conv_gemm_model(channels_of_very_different_sizes(8), RNG.standard_normal((5, 288)).astype(np.float32))
+    apply(model, clusters=16, granularity="channel")
+    proto = onnx.load(save_model(model, tmp_path / "dense.onnx"))
+    tensor = next(t for t in proto.graph.initializer if t.name == "conv_w")
+    raw, kind = tensor.raw_data, tensor_codecs.Kind.of(tensor.data_type, len(tensor.raw_data))
+    known = _known(raw, *_described(tensor))
+    assert [k.encoding for k in known] == ["scaled-codebook"]
+    packing, best = tensor_codecs.encodings(raw, kind, None, full=False, known=known)
+    assert [c.encoding for c in packing] == ["stored", "scaled-codebook"] and best is packing[1]
+    report, _ = tensor_codecs.encodings(raw, kind, None, full=True, known=known)
+    assert {"stored", "scaled-codebook", "zlib"} <= {c.encoding for c in report}
+    zeros = np.frombuffer(raw, np.float32).copy()
+    zeros[: 3 * zeros.size // 4] = 0  # not a rebuild of the metadata any more: only the generic encodings
+    mostly_zero = zeros.tobytes()
+    assert _known(mostly_zero, *_described(tensor)) == ()
+    names = [c.encoding for c in tensor_codecs.encodings(mostly_zero, kind, None, full=False, known=known)[0]]
+    assert names == ["stored", "scaled-codebook", "sparse"]
+
+
 # ---------------------------------------------------------------------------- refusals
 
 
