@@ -45,9 +45,10 @@ def meets(value: float, base: float, target) -> bool:
     return value >= limit if kind == "at_least" else value >= base - limit
 
 
-def bench(name: str, jobs: list[int], samples: int | None = None, budget: str | None = None, fill: int = 0) -> str:
-    default_budget, knobs, key, target, default_samples = SETTINGS[name]
-    budget = budget or default_budget
+def bench(name: str, jobs: list[int], samples: int | None = None, budget: str | None = None, fill: int = 0,
+          objective: str = "size", knobs: str | None = None) -> str:
+    default_budget, default_knobs, key, target, default_samples = SETTINGS[name]
+    budget, knobs = budget or default_budget, knobs or default_knobs
     samples = samples or default_samples
     source = models.fetch(name)
     feeds = models.calibration_feeds(name, samples)
@@ -58,7 +59,7 @@ def bench(name: str, jobs: list[int], samples: int | None = None, budget: str | 
     with tempfile.TemporaryDirectory() as tmp:
         for j in jobs:
             start = time.perf_counter()
-            result = onnxcompress.tune(str(source), feeds, budget, "size", knobs=knobs, jobs=j, fill=fill)
+            result = onnxcompress.tune(str(source), feeds, budget, objective, knobs=knobs, jobs=j, fill=fill)
             seconds = time.perf_counter() - start
             if tuned is None:
                 tuned = result
@@ -84,19 +85,24 @@ def bench(name: str, jobs: list[int], samples: int | None = None, budget: str | 
             value = models.evaluate(name, path)[key]
             ok = meets(value, base_metric, target)
             size = initializer_bytes(out.model)
-            uniform.append((ok, size, preset))
-            rows.append({"model": preset, "size MB": size / 1e6, key: value, "target met": ok,
-                         "latency": latency_ratio(source, path, feed)})
-    best = min((size, preset) for ok, size, preset in uniform if ok) if any(ok for ok, *_ in uniform) else None
+            latency = latency_ratio(source, path, feed)
+            uniform.append((ok, size if objective == "size" else latency, preset))
+            rows.append({"model": preset, "size MB": size / 1e6, key: value, "target met": ok, "latency": latency})
+    best = min((cost, preset) for ok, cost, preset in uniform if ok) if any(ok for ok, *_ in uniform) else None
     table = markdown_table(rows, ["model", "size MB", key, "target met", "latency", "tune s", "steps"])
     filled = f", fill {fill}" if fill else ""
     lines = [f"**{name}** (FP32 {key} {base_metric:.4f}; tuned for `{budget}` on the held-out half of "
-             f"{len(feeds)} calibration feeds, knobs `{knobs}`{filled})", "", table, ""]
+             f"{len(feeds)} calibration feeds, objective `{objective}`, knobs `{knobs}`{filled})", "", table, ""]
     if best is not None:
-        gain = best[0] / initializer_bytes(tuned.model)
         missed = "" if rows[0]["target met"] else ", but misses the target"
-        lines.append(f"Best uniform preset within the target: `{best[1]}`, {best[0] / 1e6:.2f} MB; the tuned plan "
-                     f"is {gain:.2f}x smaller{missed}.")
+        if objective == "size":
+            gain = best[0] / initializer_bytes(tuned.model)
+            lines.append(f"Best uniform preset within the target: `{best[1]}`, {best[0] / 1e6:.2f} MB; the tuned plan "
+                         f"is {gain:.2f}x smaller{missed}.")
+        else:  # latency ratios against FP32, each measured interleaved with it
+            gain = best[0] / rows[0]["latency"]
+            lines.append(f"Fastest uniform preset within the target: `{best[1]}`, latency ratio {best[0]:.3f}; the "
+                         f"tuned plan is {gain:.2f}x faster{missed}.")
     lines.append(f"Plan: `{tuned.pipeline}`")
     return "\n".join(lines)
 
@@ -108,9 +114,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, help="calibration feeds, half of them for the check (default: each model's own, above)")
     parser.add_argument("--budget", help="the budget for every model given (default: each model's own, above)")
     parser.add_argument("--fill", type=int, default=0, help="tune's fill: verification runs after the bisection")
+    parser.add_argument("--objective", choices=["size", "latency"], default="size",
+                        help="tune's objective; the best uniform preset is then the fastest within the target")
+    parser.add_argument("--knobs", help="tune's knobs for every model given (default: each model's own, above)")
     args = parser.parse_args()
     for name in args.models:
-        print(bench(name, args.jobs, args.samples, args.budget, args.fill), flush=True)
+        print(bench(name, args.jobs, args.samples, args.budget, args.fill, args.objective, args.knobs), flush=True)
         print()
 
 
