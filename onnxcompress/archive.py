@@ -7,9 +7,12 @@ compresses what is left of the model (the graph) separately. Unpacking writes ev
 bytes back into its emptied field of the serialized graph (the bytes re-serializing would give,
 without re-encoding the rest: :mod:`onnxcompress.wire`); the result is checked against the
 original's SHA-256. Packing
-checks, before it returns, that unpacking reproduces its input byte for byte; when it would not
-(protobuf re-serialization is canonical for files written by onnx, not for every writer), the
-archive holds the whole file under zlib instead (``"encoding": "whole-file"``).
+checks, before it returns, that unpacking reproduces its input byte for byte: each tensor's
+encoding is decoded in the worker that made it (one that does not decode to the tensor's
+bytes is stored as it is, with a warning), then the archive is unpacked with those checked
+tensors. When that would not reproduce the input (protobuf re-serialization is canonical for
+files written by onnx, not for every writer), the archive holds the whole file under zlib
+instead (``"encoding": "whole-file"``).
 
 File layout (integers little-endian)::
 
@@ -127,29 +130,52 @@ def pack_bytes(onnx_bytes: bytes) -> bytes:
     """The ``.onnxz`` archive of an ONNX model's serialized bytes (checked to unpack exactly)."""
     original = bytes(onnx_bytes)
     model = _parse_model(original)
-    archive = _pack_tensors(original, model, _weights(model))
-    problem = _unpack_problem(archive, original)
+    described = _original_field(original)
+    archive, checked = _pack_tensors(described, model, _weights(model))
+    problem = _unpack_problem(archive, original, described, checked)
     if problem is not None:
         logger.warning("packing the model as a whole file under zlib: %s", problem)
-        archive = _pack_whole_file(original)
-        problem = _unpack_problem(archive, original)
+        archive = _pack_whole_file(original, described)
+        problem = _unpack_problem(archive, original, described, {})
         if problem is not None:
             raise ArchiveError(f"the whole-file archive does not unpack to the model ({problem}); nothing written")
     return archive
 
 
-def _unpack_problem(archive: bytes, original: bytes) -> str | None:
-    """Why unpacking ``archive`` would not give ``original`` back, or None if it does."""
+def _unpack_problem(archive: bytes, original: bytes, described: dict, checked: dict[int, _Checked]) -> str | None:
+    """Why unpacking ``archive`` would not give ``original`` (``described``: its size and
+    SHA-256) back, or None if it does. A tensor entry that names exactly the encoding and
+    blob of one in ``checked`` (by blob offset) takes that tensor's bytes instead of being
+    decoded again."""
+
+    def decode(entry: dict, blob: memoryview, site: _Site, limit: int) -> bytes:
+        known = checked.get(entry.get("offset"))
+        if known is not None and known.made(entry, blob):
+            return known.raw
+        return _decode_entry(entry, blob, site, limit)
+
     try:
-        if unpack_bytes(archive) == original:
-            return None
+        result, recorded = _unpack(archive, decode)
     except ArchiveError as exc:
         return str(exc)
-    return "re-serializing the model does not reproduce the file"
+    if recorded != described:
+        return f"the header records {recorded}, not the model's size and SHA-256"
+    if result != original:
+        return "re-serializing the model does not reproduce the file"
+    return None
 
 
 def unpack_bytes(archive: bytes) -> bytes:
     """The exact ONNX bytes an archive was packed from; ArchiveError if it is not a sound archive."""
+    result, recorded = _unpack(archive, _decode_entry)
+    if len(result) != recorded["size"] or hashlib.sha256(result).hexdigest() != recorded["sha256"]:
+        raise ArchiveError("unpacked model does not match the SHA-256 recorded in the archive (corrupt archive)")
+    return result
+
+
+def _unpack(archive: bytes, decode) -> tuple[bytes, dict]:
+    """The bytes an archive unpacks to, its tensors decoded by ``decode`` (as
+    :func:`_decode_entry`), and the size and SHA-256 its header records for them."""
     view = memoryview(archive).cast("B")
     header, blobs = _read_archive(view)
     original = _field(header, "original", dict, "header")
@@ -160,12 +186,10 @@ def unpack_bytes(archive: bytes) -> bytes:
     if encoding == "whole-file":
         result = graph
     elif encoding == "tensors":
-        result = _restore_tensors(graph, header, blobs, size)
+        result = _restore_tensors(graph, header, blobs, size, decode)
     else:
         raise ArchiveError(f"archive header names an unknown encoding {encoding!r}")
-    if len(result) != size or hashlib.sha256(result).hexdigest() != digest:
-        raise ArchiveError("unpacked model does not match the SHA-256 recorded in the archive (corrupt archive)")
-    return result
+    return result, {"size": size, "sha256": digest}
 
 
 def pack_file(src, dst) -> Path:
@@ -288,8 +312,24 @@ def _external_data_error(site: _Site) -> ArchiveError:
 # --------------------------------------------------------------------------- writing
 
 
-def _pack_tensors(original: bytes, model: onnx.ModelProto, weights: list[tuple[_Site, bytes]]) -> bytes:
-    """The archive of the model with the weights taken out (``model`` is emptied of them)."""
+@dataclass(frozen=True)
+class _Checked:
+    """A tensor's encoding, checked to decode to its bytes."""
+
+    encoded: tensor_codecs.Encoded
+    raw: bytes
+
+    def made(self, entry: dict, blob: memoryview) -> bool:
+        """Whether a header entry and its blob are this encoding's."""
+        return (entry.get("encoding") == self.encoded.encoding and entry.get("params") == self.encoded.params
+                and blob == self.encoded.blob)
+
+
+def _pack_tensors(described: dict, model: onnx.ModelProto,
+                  weights: list[tuple[_Site, bytes]]) -> tuple[bytes, dict[int, _Checked]]:
+    """The archive of the model with the weights taken out (``model`` is emptied of them;
+    ``described``: the original file's size and SHA-256), and every tensor's checked
+    encoding by the offset of its blob."""
     sites = [site for site, _ in weights]
     raws = [raw for _, raw in weights]
     with ThreadPoolExecutor(WORKERS) as planes, ThreadPoolExecutor(WORKERS) as tensors:
@@ -297,32 +337,44 @@ def _pack_tensors(original: bytes, model: onnx.ModelProto, weights: list[tuple[_
         # largest first, so that one big tensor does not start last
         order = sorted(range(len(sites)), key=lambda i: -len(raws[i]))
         # the workers get plain values, never the protobuf messages the main thread changes
-        futures = {i: tensors.submit(_encode, raws[i], kinds[i], planes, *_described(sites[i].tensor)) for i in order}
+        futures = {i: tensors.submit(_encode_checked, raws[i], kinds[i], planes, sites[i].name,
+                                     *_described(sites[i].tensor)) for i in order}
         for site in sites:  # the raw bytes were copied out: the graph compresses beside the tensors
             site.tensor.raw_data = b""
         codec, graph_blob = _compress_graph(model.SerializeToString())
         encoded = [futures[i].result() for i in range(len(sites))]
-    entries, blobs, offset = [], [graph_blob], len(graph_blob)
+    entries, blobs, offset, checked = [], [graph_blob], len(graph_blob), {}
     for site, raw, enc in zip(sites, raws, encoded):
+        checked[offset] = _Checked(enc, raw)
         entries.append({"locator": site.locator, "name": site.name, "dtype": tensor_codecs.dtype_name(site.tensor.data_type),
                         "shape": list(site.tensor.dims), "size": len(raw), "encoding": enc.encoding,
                         "params": enc.params, "offset": offset, "length": len(enc.blob)})
         blobs.append(enc.blob)
         offset += len(enc.blob)
     _log_choices(entries)
-    header = {"original": _original_field(original), "encoding": "tensors", "blobs": offset,
+    header = {"original": described, "encoding": "tensors", "blobs": offset,
               "graph": {"codec": codec, "offset": 0, "length": len(graph_blob)}, "tensors": entries}
-    return _assemble(header, blobs)
+    return _assemble(header, blobs), checked
 
 
 def _described(tensor: onnx.TensorProto) -> tuple[int, list[int], dict[str, str]]:
     return tensor.data_type, list(tensor.dims), {p.key: p.value for p in tensor.metadata_props}
 
 
-def _encode(raw: bytes, kind: tensor_codecs.Kind, planes, data_type: int, dims: list[int],
-            metadata: dict[str, str]) -> tensor_codecs.Encoded:
-    """The encoding pack keeps for one tensor (run in a worker thread, metadata codebooks too)."""
-    return tensor_codecs.encode(raw, kind, planes, _known(raw, data_type, dims, metadata))
+def _encode_checked(raw: bytes, kind: tensor_codecs.Kind, planes, name: str, data_type: int, dims: list[int],
+                    metadata: dict[str, str]) -> tensor_codecs.Encoded:
+    """The encoding pack keeps for one tensor, checked to decode to its bytes (run in a worker
+    thread, metadata codebooks too); ``stored`` if it does not."""
+    encoded = tensor_codecs.encode(raw, kind, planes, _known(raw, data_type, dims, metadata))
+    try:
+        problem = None if tensor_codecs.decode(encoded.encoding, encoded.params, memoryview(encoded.blob),
+                                               len(raw)) == raw else "decodes to other bytes"
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError, zlib.error) as exc:
+        problem = f"does not decode: {exc}"
+    if problem is None:
+        return encoded
+    logger.warning("tensor '%s' stored as it is: its %s encoding %s", name, encoded.encoding, problem)
+    return tensor_codecs.Encoded("stored", {}, raw)
 
 
 def _known(raw: bytes, data_type: int, dims: list[int], metadata: dict[str, str]) -> tuple[tensor_codecs.Encoded, ...]:
@@ -331,9 +383,9 @@ def _known(raw: bytes, data_type: int, dims: list[int], metadata: dict[str, str]
     return (found,) if found is not None else ()
 
 
-def _pack_whole_file(original: bytes) -> bytes:
+def _pack_whole_file(original: bytes, described: dict) -> bytes:
     blob = zlib.compress(original, WHOLE_FILE_LEVEL)
-    header = {"original": _original_field(original), "encoding": "whole-file", "blobs": len(blob),
+    header = {"original": described, "encoding": "whole-file", "blobs": len(blob),
               "graph": {"codec": "zlib", "offset": 0, "length": len(blob)}, "tensors": []}
     return _assemble(header, [blob])
 
@@ -442,8 +494,9 @@ def _graph_bytes(header: dict, blobs: memoryview, limit: int) -> bytes:
         raise ArchiveError(f"graph blob does not decode ({codec}): {exc}") from None
 
 
-def _restore_tensors(graph: bytes, header: dict, blobs: memoryview, limit: int) -> bytes:
-    """The model with every listed tensor's bytes put back (no tensor is over ``limit`` bytes):
+def _restore_tensors(graph: bytes, header: dict, blobs: memoryview, limit: int, decode) -> bytes:
+    """The model with every listed tensor's bytes put back (no tensor is over ``limit`` bytes;
+    each decoded by ``decode``, as :func:`_decode_entry`):
     the graph blob is parsed to check the entries against it, and the bytes are written into
     its empty ``raw_data`` fields in place (:mod:`onnxcompress.wire`), as re-serializing would."""
     entries = _field(header, "tensors", list, "header")
@@ -456,7 +509,7 @@ def _restore_tensors(graph: bytes, header: dict, blobs: memoryview, limit: int) 
     targets = [_target(entry, sites) for entry in entries]
     work = [(entry, _blob(entry, blobs, f"tensor '{site.name}'"), site, limit) for entry, site in zip(entries, targets)]
     with ThreadPoolExecutor(WORKERS) as pool:
-        decoded = list(pool.map(lambda item: _decode_entry(*item), work))
+        decoded = list(pool.map(lambda item: decode(*item), work))
     try:
         return wire.fill_raw_data(graph, {site.locator: data for site, data in zip(targets, decoded)})
     except wire.WireError as exc:

@@ -372,6 +372,60 @@ def test_a_file_protobuf_would_rewrite_is_packed_whole(caplog):
     assert "whole file" in caplog.text
 
 
+# --------------------------------------------------------------------------- pack's own check
+
+
+def test_pack_decodes_each_tensor_once_and_the_archive_check_reuses_it(monkeypatch):
+    data = _serialized(_model([_init("c", _clustered()), _init("d", _dense()), _init("z", _sparse())]))
+    in_workers, in_unpack = [], []
+    real_decode, real_entry = onnxz.tensor_codecs.decode, onnxz._decode_entry
+    monkeypatch.setattr(onnxz.tensor_codecs, "decode", lambda *a: in_workers.append(a[0]) or real_decode(*a))
+    monkeypatch.setattr(onnxz, "_decode_entry", lambda entry, *a: in_unpack.append(entry["name"]) or real_entry(entry, *a))
+    archive = onnxz.pack_bytes(data)
+    assert {"codebook", "sparse", "zlib"} <= set(in_workers) and in_unpack == []
+    assert onnxz.unpack_bytes(archive) == data and sorted(in_unpack) == ["c", "d", "z"]
+
+
+def test_an_encoding_that_does_not_decode_to_its_tensor_is_stored_instead(monkeypatch, caplog):
+    data = _serialized(_model([_init("c", _clustered()), _init("d", _dense())]))
+    real_encode = onnxz.tensor_codecs.encode
+
+    def broken_codebook(raw, kind, planes, known=()):
+        found = real_encode(raw, kind, planes, known)
+        if found.encoding != "codebook":
+            return found
+        blob = bytearray(found.blob)
+        blob[0] ^= 1  # the first codebook value: still decodes, to other bytes
+        return onnxz.tensor_codecs.Encoded(found.encoding, found.params, bytes(blob))
+
+    monkeypatch.setattr(onnxz.tensor_codecs, "encode", broken_codebook)
+    with caplog.at_level(logging.WARNING, logger="onnxcompress.archive"):
+        archive = onnxz.pack_bytes(data)
+    assert _encodings(archive) == {"c": "stored", "d": "zlib"}
+    assert caplog.text.count("stored as it is") == 1 and "tensor 'c'" in caplog.text
+    assert "decodes to other bytes" in caplog.text
+    assert onnxz.unpack_bytes(archive) == data
+
+
+def test_the_archive_check_still_catches_a_header_that_does_not_match_the_checked_tensors(monkeypatch, caplog):
+    data = _serialized(_model([_init("c", _clustered()), _init("d", _dense())]))
+    real_assemble = onnxz._assemble
+
+    def wrong_offsets(header, blobs):  # the blobs of c and d swapped in the header
+        if header["encoding"] == "tensors":
+            first, second = header["tensors"]
+            for key in ("offset", "length"):
+                first[key], second[key] = second[key], first[key]
+        return real_assemble(header, blobs)
+
+    monkeypatch.setattr(onnxz, "_assemble", wrong_offsets)
+    with caplog.at_level(logging.WARNING, logger="onnxcompress.archive"):
+        archive = onnxz.pack_bytes(data)
+    assert _header(archive)["encoding"] == "whole-file"
+    assert "whole file under zlib: tensor 'c' (graph.initializer[0]): codebook blob does not decode" in caplog.text
+    assert onnxz.unpack_bytes(archive) == data
+
+
 # --------------------------------------------------------------------------- errors
 
 
