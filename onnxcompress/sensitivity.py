@@ -5,8 +5,9 @@ normalised model, the passes calibrating on the *fit* feeds, and measures with o
 the held-out *check* feeds the outputs' drift against the normalised model's. Its *damage* is the relative noise power of the worst output,
 ``Σ(y − y')² / Σy²`` = 10^(−SQNR/10): noise powers of independent changes add, which is what
 the search relies on. The *saving* is what the objective gains: constant bytes (``size``),
-MACs (``macs``), or MACs weighted by the measured int8 speed-up (``latency``, an estimate:
-probes are too short to time on a shared CPU; the chosen plan's latency is measured).
+MACs (``macs``), or MACs weighted by the measured int8 speed-up plus the int8 conversions
+onnxruntime cannot fold (``latency``, an estimate: probes are too short to time on a shared
+CPU; see :class:`Objective`).
 
 Probes only run the part of the graph after the changed nodes: the reference model's
 activations are computed once, and a probe's model is cut where its tensors are still the
@@ -71,9 +72,20 @@ def damage_of(drift: Drift) -> float:
 
 
 class Objective:
-    """What the tuner minimises, measured on one model: ``size``, ``macs`` or ``latency``."""
+    """What the tuner minimises, measured on one model: ``size``, ``macs`` or ``latency``.
 
-    INT8_MAC_COST = 0.5  # an int8 MAC costs about half a float one in onnxruntime's CPU kernels
+    ``latency`` is an estimate in float-MAC equivalents: each MAC of a node that reads a
+    dequantized weight and runs on int8 (its output only quantized) costs INT8_MAC_COST (DEPTHWISE_INT8_MAC_COST in a depthwise Conv), every
+    other MAC 1, and every QuantizeLinear or DequantizeLinear that onnxruntime cannot fold into
+    an int8 kernel (at a border between float and int8 nodes) CONVERSION_COST per element it
+    converts. Inside a run of int8 nodes the conversions fold away, so an int8 node pays only
+    where it meets float ones. The constants are fitted to onnxruntime's latency of nine int8
+    regions of mobilenet_v2 (``bench/latency_model.py``, README).
+    """
+
+    INT8_MAC_COST = 0.6
+    DEPTHWISE_INT8_MAC_COST = 1.1  # onnxruntime's int8 depthwise kernel is no faster than its float one
+    CONVERSION_COST = 35.0  # a conversion also breaks onnxruntime's blocked float layout around it
 
     def __init__(self, kind: str, input_shapes: dict | None = None):
         if kind not in ("size", "macs", "latency"):
@@ -84,11 +96,37 @@ class Objective:
     def __call__(self, model: ir.Model) -> float:
         if self.kind == "size":
             return float(initializer_bytes(model))  # as stored: int8 one byte, int4 half
-        cost = compute_cost(model, input_shapes=self.input_shapes)
         if self.kind == "macs":
-            return float(cost.macs)
-        quantized = {n.name for n in model.graph if _reads_dequantized_weight(n)}
-        return float(sum(c.macs * (self.INT8_MAC_COST if c.node in quantized else 1.0) for c in cost.nodes))
+            return float(compute_cost(model, input_shapes=self.input_shapes).macs)
+        terms = latency_terms(model, self.input_shapes)
+        return float(terms.macs - (1.0 - self.INT8_MAC_COST) * terms.int8_macs
+                     - (1.0 - self.DEPTHWISE_INT8_MAC_COST) * terms.depthwise_int8_macs
+                     + self.CONVERSION_COST * terms.converted)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyTerms:
+    macs: int  # all of them
+    int8_macs: int  # of the nodes that read a dequantized weight and run on int8, but depthwise Convs
+    depthwise_int8_macs: int  # of the depthwise Convs among them
+    converted: int  # elements of the unfolded conversions
+
+
+def latency_terms(model: ir.Model, input_shapes: dict | None = None) -> LatencyTerms:
+    """What the latency estimate weighs, for inputs of the shapes ``input_shapes`` gives."""
+    cost = compute_cost(model, input_shapes=input_shapes)
+    outputs = set(model.graph.outputs)
+    quantized = {n.name: _depthwise(n) for n in model.graph if _reads_dequantized_weight(n) and _runs_int8(n, outputs)}
+    int8 = [c for c in cost.nodes if c.node in quantized]
+    symbols = _input_symbols(model, input_shapes or {})
+    return LatencyTerms(cost.macs, sum(c.macs for c in int8 if not quantized[c.node]),
+                        sum(c.macs for c in int8 if quantized[c.node]),
+                        sum(_elements(value, symbols) for value in unfolded_conversions(model)))
+
+
+def _depthwise(node: ir.Node) -> bool:
+    group = node.attributes.get("group")
+    return node.op_type == "Conv" and group is not None and group.as_int() > 1
 
 
 def _reads_dequantized_weight(node: ir.Node) -> bool:
@@ -96,6 +134,72 @@ def _reads_dequantized_weight(node: ir.Node) -> bool:
         return False
     producer = node.inputs[1].producer()
     return producer is not None and producer.op_type == "DequantizeLinear"
+
+
+def unfolded_conversions(model: ir.Model) -> list[ir.Value]:
+    """The activations converted by a QuantizeLinear whose producer is not an int8 node, or
+    by a DequantizeLinear read by a float node (or a graph output): the conversions
+    onnxruntime runs on their own instead of folding them into an int8 kernel. Weights
+    (a DequantizeLinear of a constant) are folded when the session is built: not counted."""
+    outputs = set(model.graph.outputs)
+    found = []
+    for node in model.graph:
+        if node.op_type == "QuantizeLinear" and not _is_constant(node.inputs[0]):
+            producer = node.inputs[0].producer()
+            if producer is None or not _runs_int8(producer, outputs):
+                found.append(node.inputs[0])
+        elif node.op_type == "DequantizeLinear" and not _is_constant(node.inputs[0]):
+            value = node.outputs[0]
+            if value in outputs or not all(_runs_int8(c, outputs) for c in value.consumers()):
+                found.append(value)
+    return found
+
+
+def _runs_int8(node: ir.Node, outputs: set) -> bool:
+    """Whether onnxruntime runs the node on int8 values: every input that is not a constant
+    is dequantized, and every output is only quantized."""
+    if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        return False
+    for value in node.inputs:
+        if value is None or _is_constant(value):
+            continue
+        producer = value.producer()
+        if producer is None or producer.op_type != "DequantizeLinear":
+            return False
+    return all(value not in outputs and value.consumers()
+               and all(c.op_type == "QuantizeLinear" for c in value.consumers()) for value in node.outputs)
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    if value is None or value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and (producer.op_type == "Constant" or
+                                     (producer.op_type == "DequantizeLinear" and _is_constant(producer.inputs[0])))
+
+
+def _input_symbols(model: ir.Model, input_shapes: dict) -> dict[str, int]:
+    """Sizes of the graph inputs' symbolic dims, from ``input_shapes`` (None where unknown)."""
+    symbols = {}
+    for value in model.graph.inputs:
+        for dim, size in zip(value.shape or (), input_shapes.get(value.name, ())):
+            if isinstance(dim, ir.SymbolicDim) and dim.value is not None and size is not None:
+                symbols.setdefault(dim.value, int(size))
+    return symbols
+
+
+def _elements(value: ir.Value, symbols: dict[str, int]) -> int:
+    """Elements of an activation by its shape (0 when a dim is unknown)."""
+    if value.shape is None:
+        return 0
+    count = 1
+    for dim in value.shape:
+        size = dim if isinstance(dim, int) else symbols.get(getattr(dim, "value", None))
+        if size is None:
+            logger.debug("conversion of '%s' not counted: dim %s unknown", value.name, dim)
+            return 0
+        count *= size
+    return count
 
 
 class Prober:
