@@ -167,12 +167,13 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
     lengths = np.asarray(lengths)
     codes = np.zeros(lengths.size, dtype=np.uint64)
     order = np.lexsort((np.arange(lengths.size), lengths))
-    order = order[lengths[order] > 0].tolist()
-    code, previous = 0, int(lengths[order[0]]) if order else 0
-    for symbol, length in zip(order, lengths[order].tolist()):
-        code <<= length - previous
-        codes[symbol] = code
-        code, previous = code + 1, length
+    order = order[lengths[order] > 0]
+    if order.size:
+        # in canonical order, a code is the Kraft sum of the codes before it, read at its length
+        sorted_lengths = lengths[order].astype(np.uint64)
+        longest = sorted_lengths[-1]
+        kraft = np.cumsum(np.uint64(1) << (longest - sorted_lengths)) - (np.uint64(1) << (longest - sorted_lengths))
+        codes[order] = kraft >> (longest - sorted_lengths)
     return codes
 
 
@@ -425,12 +426,14 @@ class _DecodeTable:
 
     def __init__(self, lengths: np.ndarray, block: int, n: int):
         longest = int(lengths.max())
-        codes = canonical_codes(lengths)
+        # canonical codes in (length, symbol) order fill the table in consecutive runs, one of
+        # 2^(longest - length) entries per symbol (all of it but for a lone symbol's code 0)
+        order = np.lexsort((np.arange(lengths.size), lengths))
+        order = order[lengths[order] > 0]
+        entry = order.astype(np.uint32) | lengths[order].astype(np.uint32) * np.uint32(1 << 16 | 1 << 24)
+        runs = np.repeat(entry, 1 << (longest - lengths[order].astype(np.int64)))
         single = np.zeros(1 << longest, dtype=np.uint32)
-        for symbol in np.flatnonzero(lengths):
-            length = int(lengths[symbol])
-            first = int(codes[symbol]) << (longest - length)
-            single[first : first + (1 << (longest - length))] = symbol | length << 16 | length << 24
+        single[: runs.size] = runs
         self.per_step = 2 if _paired(lengths, block, n) else 1
         if self.per_step == 1:
             self.table, self.width = single, longest
