@@ -1,13 +1,17 @@
-"""The tuner's latency estimate against onnxruntime, on mobilenet_v2 with int8 in some places.
+"""The tuner's latency estimate against onnxruntime: int8 regions of mobilenet_v2, weight-only
+regions of minilm_l6.
 
 ``tune --objective latency`` cannot time its probes (one node changed, on a shared CPU), so it
-estimates (:class:`onnxcompress.sensitivity.Objective`): a float MAC costs 1, an int8 MAC
-``INT8_MAC_COST`` (``DEPTHWISE_INT8_MAC_COST`` in a depthwise Conv), and every element that a
-QuantizeLinear or DequantizeLinear converts at a border between float and int8 nodes
-``CONVERSION_COST``. This script quantizes a few regions of
-mobilenet_v2 (one conv, one block, runs of blocks, every pointwise or depthwise conv, the whole
-model), measures each latency ratio against FP32 (interleaved, batch 1, 2 threads), prints it
-beside the estimate, and fits the three constants to the measurements by least squares.
+estimates (:class:`onnxcompress.sensitivity.Objective`): a float MAC costs 1, a MAC of a
+low-precision kernel ``MAC_COSTS[kind]`` (int8 QDQ, depthwise int8, dynamic int8, int4), and
+every element that a QuantizeLinear or DequantizeLinear converts at a border between float and
+int8 nodes ``CONVERSION_COST``. This script quantizes regions of both models (for mobilenet_v2:
+one conv, one block, runs of blocks, every depthwise conv, every conv; for minilm_l6: the
+attention or the feed-forward MatMuls of some layers, in dynamic int8 or int4, and a
+low-rank region that removes float MACs, which pins the time of its ops without MACs), measures each
+latency ratio against the normalised FP32 model the tuner starts from (``default``;
+interleaved, batch 1, 2 threads), prints it beside the estimate,
+and fits the constants to the measurements by least squares.
 
     python bench/latency_model.py
 """
@@ -28,73 +32,131 @@ from common import latency_ratio, markdown_table  # noqa: E402
 import models  # noqa: E402
 import onnxcompress  # noqa: E402
 from onnxcompress.pipeline import format_value, name_pattern  # noqa: E402
-from onnxcompress.sensitivity import Objective, latency_terms  # noqa: E402
+from onnxcompress.sensitivity import LatencyTerms, Objective, latency_terms  # noqa: E402
 from onnxcompress.tuning import _input_shapes  # noqa: E402
 
-# Regions quantized, as regular expressions over mobilenet_v2's Conv names.
+# block 1 starts with its depthwise conv, blocks 2-17 expand first
+_MOBILENET_DEPTHWISE = r"/features/features\.1/conv/conv\.0/conv\.0\.0/Conv|/features/features\.([2-9]|1[0-7])/conv/conv\.1/conv\.1\.0/Conv"
+_MINILM_FFN = r"/bert/encoder/layer\.{}/(intermediate|output)/dense/MatMul"
+_MINILM_ATTENTION = r"/bert/encoder/layer\.{}/attention/.*MatMul"
+
+# Per model: (label, pass, regular expression over the names of the nodes it quantizes; the
+# nodes are those of the op type the pass rewrites, with a constant weight).
 REGIONS = {
-    "stem conv": r"/features/features\.0/.*",
-    "one 1x1 conv (block 2, 16->96 at 112x112)": r"/features/features\.2/conv/conv\.0/.*",
-    "block 2": r"/features/features\.2/.*",
-    "blocks 2-3": r"/features/features\.[23]/.*",
-    "blocks 4-7": r"/features/features\.[4-7]/.*",
-    "blocks 14-17": r"/features/features\.1[4-7]/.*",
-    "1x1 convs of blocks 14-17": r"/features/features\.1[4-7]/conv/conv\.(0/conv\.0\.0|2)/.*",
-    "every depthwise conv": r"/features/features\.([1-9]|1[0-7])/conv/conv\.(1/conv\.1\.0|0/conv\.0\.0)/Conv$",
-    "every conv": r".*",
+    "mobilenet_v2": ("Conv", [
+        ("stem conv", "quantize-qdq", r"/features/features\.0/.*"),
+        ("one 1x1 conv (block 2, 16->96 at 112x112)", "quantize-qdq", r"/features/features\.2/conv/conv\.0/.*"),
+        ("block 2", "quantize-qdq", r"/features/features\.2/.*"),
+        ("blocks 2-3", "quantize-qdq", r"/features/features\.[23]/.*"),
+        ("blocks 4-7", "quantize-qdq", r"/features/features\.[4-7]/.*"),
+        ("blocks 14-17", "quantize-qdq", r"/features/features\.1[4-7]/.*"),
+        ("1x1 convs of blocks 14-17", "quantize-qdq", r"/features/features\.1[4-7]/conv/conv\.(0/conv\.0\.0|2)/.*"),
+        ("every depthwise conv", "quantize-qdq", _MOBILENET_DEPTHWISE),
+        ("every conv", "quantize-qdq", r".*"),
+    ]),
+    "minilm_l6": ("MatMul", [
+        ("attention of layers 0-2, dynamic int8", "quantize-dynamic", _MINILM_ATTENTION.format("[0-2]")),
+        ("feed-forward of layers 0-2, dynamic int8", "quantize-dynamic", _MINILM_FFN.format("[0-2]")),
+        ("every MatMul, dynamic int8", "quantize-dynamic", r".*"),
+        ("feed-forward of layers 0-2, int4", "quantize-weights-int4", _MINILM_FFN.format("[0-2]")),
+        ("attention of layers 0-2, int4", "quantize-weights-int4", _MINILM_ATTENTION.format("[0-2]")),
+        ("every MatMul, int4", "quantize-weights-int4", r".*"),
+        ("every MatMul, rank 0.5 (float)", "low-rank-gemm", r".*"),
+        ("feed-forward of every layer, rank 0.25 (float)", "low-rank-gemm-quarter", _MINILM_FFN.format(".")),
+    ]),
 }
+# what each region's entry runs: (pass, options)
+ENTRIES = {"quantize-qdq": ("quantize-qdq", "calibration=minmax,"), "quantize-dynamic": ("quantize-dynamic", ""),
+           "quantize-weights-int4": ("quantize-weights-int4", "method=rtn,"), "low-rank-gemm": ("low-rank-gemm", "ratio=0.5,"), "low-rank-gemm-quarter": ("low-rank-gemm", "ratio=0.25,")}
 
 
-def region_pipeline(nodes: list[str]) -> str:
+def region_pipeline(entry: str, nodes: list[str]) -> str:
+    pass_name, options = ENTRIES[entry]
     inner = ",".join(f"@{format_value(name_pattern(n))}{{skip=false}}" for n in nodes)
-    return f"default,quantize-qdq{{calibration=minmax,{inner},@.*{{skip=true}}}}"
+    return f"default,{pass_name}{{{options}{inner},@.*{{skip=true}}}}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=300)
-    args = parser.parse_args()
-    name = "mobilenet_v2"
+def measure(name: str, rounds: int) -> tuple[list[dict], list[tuple[LatencyTerms, float]], int, dict]:
+    """One model's table rows, each region's (latency terms, measured ratio), the MACs of the
+    normalised model and the input shapes latency was measured at."""
     source = str(models.fetch(name))
     feeds = models.calibration_feeds(name, 8)
     base = onnxcompress.compress(source, "default").model
     shapes = _input_shapes(base, feeds)
     estimate = Objective("latency", shapes)
     base_macs, base_estimate = latency_terms(base, shapes).macs, estimate(base)
-    convs = [n.name for n in base.graph if n.op_type == "Conv"]
-    rows, fit_rows, fit_y = [], [], []
+    op_type, regions = REGIONS[name]
+    weighted = [n for n in base.graph if n.op_type == op_type and len(n.inputs) > 1 and n.inputs[1] is not None
+                and n.inputs[1].const_value is not None]
+    rows, measured = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, pattern in REGIONS.items():
-            nodes = [c for c in convs if re.fullmatch(pattern, c)]
-            if label == "every depthwise conv":
-                nodes = [c for c in nodes if _depthwise(base, c)]
-            model = onnxcompress.compress(source, region_pipeline(nodes), calibration=feeds).model
+        reference = Path(tmp) / "normalised.onnx"  # what the tuner's plans start from
+        onnxcompress.save_model(base, reference)
+        for label, pass_name, pattern in regions:
+            nodes = [n.name for n in weighted if re.fullmatch(pattern, n.name)]
+            model = onnxcompress.compress(source, region_pipeline(pass_name, nodes), calibration=feeds).model
             path = Path(tmp) / "candidate.onnx"
             onnxcompress.save_model(model, path)
-            measured = latency_ratio(source, path, feeds[0], rounds=args.rounds)
+            ratio = latency_ratio(reference, path, feeds[0], rounds=rounds)
             terms = latency_terms(model, shapes)
-            rows.append({"int8 region": label, "convs": len(nodes),
-                         "int8 MACs share": (terms.int8_macs + terms.depthwise_int8_macs) / base_macs,
-                         "depthwise share": terms.depthwise_int8_macs / base_macs,
+            rows.append({"region": label, "nodes": len(nodes), "MACs": terms.macs / base_macs,
+                         **{f"{kind} MACs": macs / base_macs for kind, macs in terms.kernel_macs.items() if macs},
                          "conversions (elements)": terms.converted, "estimate": estimate(model) / base_estimate,
-                         "measured": measured})
-            fit_rows.append([-terms.int8_macs, -terms.depthwise_int8_macs, terms.converted])
-            fit_y.append((measured - 1.0) * base_macs)
-    (saved, saved_depthwise, conversion), *_ = np.linalg.lstsq(np.array(fit_rows, float), np.array(fit_y), rcond=None)
-    print(f"**{name}**: latency ratio against FP32, the tuner's estimate (INT8_MAC_COST "
-          f"{Objective.INT8_MAC_COST}, DEPTHWISE_INT8_MAC_COST {Objective.DEPTHWISE_INT8_MAC_COST}, "
+                         "measured": ratio})
+            measured.append((terms, ratio))
+    return rows, measured, base_macs, {k: list(v.shape) for k, v in feeds[0].items()}
+
+
+# Models whose time holds much besides MACs (at 17 tokens, minilm_l6's normalisation, attention
+# scores and data movement take about as long as its MatMuls): their fit has one more unknown,
+# that time, pinned by the low-rank regions. mobilenet_v2's time is its convolutions.
+OVERHEAD_FITTED = ("minilm_l6",)
+
+
+def fit(measured: dict[str, tuple[list[tuple[LatencyTerms, float]], int]]) -> str:
+    """Least squares over every region of every model, in float-MAC equivalents:
+    (ratio - 1) · (base MACs + overhead) = (MACs - base MACs) - Σ (1 - MAC cost) · kernel MACs
+    + CONVERSION_COST · converted, the overhead (the time of the ops without MACs, which no
+    region changes) an unknown for the models in OVERHEAD_FITTED and 0 for the others."""
+    kinds = list(Objective.MAC_COSTS)
+    with_overhead = [name for name in measured if name in OVERHEAD_FITTED]
+    matrix, target = [], []
+    for name, (regions, base_macs) in measured.items():
+        for terms, ratio in regions:
+            overhead = [-(ratio - 1.0) if name == other else 0.0 for other in with_overhead]
+            matrix.append([-terms.kernel_macs[k] for k in kinds] + [terms.converted] + overhead)
+            target.append((ratio - 1.0) * base_macs - (terms.macs - base_macs))  # removed float MACs cost 1 each
+    matrix = np.array(matrix, float)
+    used = np.flatnonzero(np.any(matrix != 0, axis=0))  # what no region exercised cannot be fitted
+    solution, *_ = np.linalg.lstsq(matrix[:, used], np.array(target), rcond=None)
+    parts = []
+    for i, value in zip(used, solution):
+        if i < len(kinds):
+            parts.append(f"{kinds[i]} {1 - value:.2f}")
+        elif i == len(kinds):
+            parts.append(f"CONVERSION_COST {value:.1f}")
+        else:
+            name = with_overhead[i - len(kinds) - 1]
+            parts.append(f"{name}'s ops without MACs {value / measured[name][1]:.2f} of its MACs")
+    return ", ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(REGIONS), choices=list(REGIONS))
+    parser.add_argument("--rounds", type=int, default=300)
+    args = parser.parse_args()
+    constants = ", ".join(f"{kind} {cost}" for kind, cost in Objective.MAC_COSTS.items())
+    print(f"Latency ratio against the normalised FP32 model: the tuner's estimate (MAC costs {constants}; "
           f"CONVERSION_COST {Objective.CONVERSION_COST}) and onnxruntime's")
-    print()
-    print(markdown_table(rows, list(rows[0])))
-    print()
-    print(f"Least-squares fit: INT8_MAC_COST {1 - saved:.2f}, DEPTHWISE_INT8_MAC_COST {1 - saved_depthwise:.2f}, "
-          f"CONVERSION_COST {conversion:.1f}")
-
-
-def _depthwise(model, name: str) -> bool:
-    node = next(n for n in model.graph if n.name == name)
-    group = node.attributes.get("group")
-    return group is not None and group.as_int() > 1
+    measured = {}
+    for name in args.models:
+        rows, regions, base_macs, shapes = measure(name, args.rounds)
+        measured[name] = (regions, base_macs)
+        columns = list(dict.fromkeys(c for row in rows for c in row))
+        print(f"\n**{name}** (batch 1, inputs {', '.join(f'{k} {v}' for k, v in shapes.items())})\n")
+        print(markdown_table(rows, columns))
+    print(f"\nLeast-squares fit: {fit(measured)}")
 
 
 if __name__ == "__main__":

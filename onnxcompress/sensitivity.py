@@ -74,17 +74,24 @@ def damage_of(drift: Drift) -> float:
 class Objective:
     """What the tuner minimises, measured on one model: ``size``, ``macs`` or ``latency``.
 
-    ``latency`` is an estimate in float-MAC equivalents: each MAC of a node that reads a
-    dequantized weight and runs on int8 (its output only quantized) costs INT8_MAC_COST (DEPTHWISE_INT8_MAC_COST in a depthwise Conv), every
-    other MAC 1, and every QuantizeLinear or DequantizeLinear that onnxruntime cannot fold into
-    an int8 kernel (at a border between float and int8 nodes) CONVERSION_COST per element it
-    converts. Inside a run of int8 nodes the conversions fold away, so an int8 node pays only
-    where it meets float ones. The constants are fitted to onnxruntime's latency of nine int8
-    regions of mobilenet_v2 (``bench/latency_model.py``, README).
+    ``latency`` is an estimate in float-MAC equivalents: a MAC costs 1, or MAC_COSTS of the
+    kernel onnxruntime runs the node with (:func:`kernel_kind`), and every QuantizeLinear or
+    DequantizeLinear that onnxruntime cannot fold into an int8 kernel (at a border between
+    float and int8 nodes) costs CONVERSION_COST per element it converts. Inside a run of int8
+    nodes the conversions fold away, so an int8 node pays only where it meets float ones. The
+    constants are fitted to onnxruntime's latency (batch 1, 2 threads) of int8 regions of
+    mobilenet_v2 and weight-only regions of minilm_l6 (``bench/latency_model.py``, README).
+    Ops without MACs cost nothing here: the estimate ranks plans of one model, and its ratios
+    overstate the gain on a model whose time is not mostly MACs (minilm_l6 at 17 tokens spends
+    about as long outside its MatMuls as in them).
     """
 
-    INT8_MAC_COST = 0.6
-    DEPTHWISE_INT8_MAC_COST = 1.1  # onnxruntime's int8 depthwise kernel is no faster than its float one
+    MAC_COSTS = {
+        "int8": 0.6,
+        "depthwise int8": 1.1,  # onnxruntime's int8 depthwise kernel is no faster than its float one
+        "dynamic int8": 0.8,
+        "int4": 0.8,  # MatMulNBits, at batch 1
+    }
     CONVERSION_COST = 35.0  # a conversion also breaks onnxruntime's blocked float layout around it
 
     def __init__(self, kind: str, input_shapes: dict | None = None):
@@ -99,16 +106,14 @@ class Objective:
         if self.kind == "macs":
             return float(compute_cost(model, input_shapes=self.input_shapes).macs)
         terms = latency_terms(model, self.input_shapes)
-        return float(terms.macs - (1.0 - self.INT8_MAC_COST) * terms.int8_macs
-                     - (1.0 - self.DEPTHWISE_INT8_MAC_COST) * terms.depthwise_int8_macs
-                     + self.CONVERSION_COST * terms.converted)
+        saved = sum((1.0 - self.MAC_COSTS[kind]) * macs for kind, macs in terms.kernel_macs.items())
+        return float(terms.macs - saved + self.CONVERSION_COST * terms.converted)
 
 
 @dataclasses.dataclass(frozen=True)
 class LatencyTerms:
     macs: int  # all of them
-    int8_macs: int  # of the nodes that read a dequantized weight and run on int8, but depthwise Convs
-    depthwise_int8_macs: int  # of the depthwise Convs among them
+    kernel_macs: dict[str, int]  # the MACs of the nodes of each kernel_kind (float ones left out)
     converted: int  # elements of the unfolded conversions
 
 
@@ -116,12 +121,27 @@ def latency_terms(model: ir.Model, input_shapes: dict | None = None) -> LatencyT
     """What the latency estimate weighs, for inputs of the shapes ``input_shapes`` gives."""
     cost = compute_cost(model, input_shapes=input_shapes)
     outputs = set(model.graph.outputs)
-    quantized = {n.name: _depthwise(n) for n in model.graph if _reads_dequantized_weight(n) and _runs_int8(n, outputs)}
-    int8 = [c for c in cost.nodes if c.node in quantized]
+    kinds = {n.name: kernel_kind(n, outputs) for n in model.graph}
+    kernel_macs = {kind: 0 for kind in Objective.MAC_COSTS}
+    for c in cost.nodes:
+        if kinds.get(c.node) is not None:
+            kernel_macs[kinds[c.node]] += c.macs
     symbols = _input_symbols(model, input_shapes or {})
-    return LatencyTerms(cost.macs, sum(c.macs for c in int8 if not quantized[c.node]),
-                        sum(c.macs for c in int8 if quantized[c.node]),
-                        sum(_elements(value, symbols) for value in unfolded_conversions(model)))
+    return LatencyTerms(cost.macs, kernel_macs, sum(_elements(value, symbols) for value in unfolded_conversions(model)))
+
+
+def kernel_kind(node: ir.Node, outputs: set) -> str | None:
+    """The kind of low-precision kernel onnxruntime runs the node with (a key of
+    Objective.MAC_COSTS), or None for a float one: ``int8`` (``depthwise int8``) for a node
+    that reads a dequantized weight and runs on int8 values, ``dynamic int8`` for the
+    dynamically quantized MatMuls, ``int4`` for MatMulNBits."""
+    if node.op_type in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
+        return "dynamic int8"
+    if node.op_type == "MatMulNBits":
+        return "int4"
+    if _reads_dequantized_weight(node) and _runs_int8(node, outputs):
+        return "depthwise int8" if _depthwise(node) else "int8"
+    return None
 
 
 def _depthwise(node: ir.Node) -> bool:

@@ -276,6 +276,26 @@ def test_matmul_nbits_contrib():
     assert c.unknown_shape_nodes == []
 
 
+def test_shapes_flow_through_dynamic_quantize_matmul():
+    """ONNX shape inference does not know the contrib op: without a standard stand-in the
+    MatMul after it would have no shape and no MACs."""
+    m = build(
+        '<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>'
+        """
+        g (float[N, 7, 64] a) => (float[N, 7, 7] y) {
+          h = com.microsoft.DynamicQuantizeMatMul (a, b, s, z)
+          t = Transpose <perm=[0, 2, 1]> (h)
+          y = MatMul (h, t)
+        }""",
+        b=np.zeros((64, 32), np.int8),
+        s=np.ones(32, np.float32),
+        z=np.zeros(32, np.int8),
+    )
+    c = compute_cost(m, batch=2)
+    assert [n.macs for n in c.nodes] == [2 * 7 * 64 * 32, 0, 2 * 7 * 7 * 32]
+    assert c.unknown_shape_nodes == []
+
+
 def test_onnxruntime_contrib_attention_and_fused_matmul():
     m = build(
         '<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>'

@@ -38,14 +38,19 @@ def _quantized(nodes: list[str]):
 
 
 def _estimate(terms) -> float:
-    return (terms.macs - (1 - Objective.INT8_MAC_COST) * terms.int8_macs
-            - (1 - Objective.DEPTHWISE_INT8_MAC_COST) * terms.depthwise_int8_macs + Objective.CONVERSION_COST * terms.converted)
+    saved = sum((1 - Objective.MAC_COSTS[kind]) * macs for kind, macs in terms.kernel_macs.items())
+    return terms.macs - saved + Objective.CONVERSION_COST * terms.converted
+
+
+def _int8(terms) -> tuple[int, int, int]:
+    assert terms.kernel_macs["dynamic int8"] == terms.kernel_macs["int4"] == 0
+    return terms.kernel_macs["int8"], terms.kernel_macs["depthwise int8"], terms.converted
 
 
 def test_a_float_model_costs_its_macs():
     model = load_model(_chain())
     terms = latency_terms(model, SHAPES)
-    assert (terms.macs, terms.int8_macs, terms.depthwise_int8_macs, terms.converted) == (sum(MACS.values()), 0, 0, 0)
+    assert (terms.macs, *_int8(terms)) == (sum(MACS.values()), 0, 0, 0)
     assert Objective("latency", SHAPES)(model) == sum(MACS.values())
 
 
@@ -53,9 +58,9 @@ def test_one_int8_conv_between_float_ones_pays_for_both_conversions():
     model = _quantized(["b"])
     assert [v.name for v in unfolded_conversions(model)] == ["a.out", "b.out_dequantized"]
     terms = latency_terms(model, SHAPES)
-    assert (terms.int8_macs, terms.depthwise_int8_macs, terms.converted) == (MACS["b"], 0, 512 + 512)
+    assert _int8(terms) == (MACS["b"], 0, 512 + 512)
     assert Objective("latency", SHAPES)(model) == pytest.approx(_estimate(terms), rel=1e-12)
-    # 4096 MACs at half price do not pay for converting 1024 elements
+    # 4096 MACs at 0.6 of the price do not pay for converting 1024 elements
     assert Objective("latency", SHAPES)(model) > sum(MACS.values())
 
 
@@ -64,7 +69,7 @@ def test_inside_a_run_of_int8_convs_the_conversions_fold_away():
     assert [v.name for v in unfolded_conversions(model)] == ["x", "d.out_dequantized"]
     terms = latency_terms(model, SHAPES)
     # the graph input is quantized for a, and d's output dequantized for the float c
-    assert (terms.int8_macs, terms.depthwise_int8_macs, terms.converted) == (MACS["a"] + MACS["b"], MACS["d"], 256 + 512)
+    assert _int8(terms) == (MACS["a"] + MACS["b"], MACS["d"], 256 + 512)
     assert Objective("latency", SHAPES)(model) == pytest.approx(_estimate(terms), rel=1e-12)
 
 
@@ -76,9 +81,24 @@ def test_a_conv_whose_output_is_not_quantized_runs_in_float():
     assert not any(n.op_type == "QuantizeLinear" and n.inputs[0].name == "y" for n in model.graph)
     assert [v.name for v in unfolded_conversions(model)] == ["x", "d.out_dequantized"]
     terms = latency_terms(model, SHAPES)
-    assert (terms.int8_macs, terms.depthwise_int8_macs, terms.converted) == (MACS["a"] + MACS["b"], MACS["d"], 256 + 512)
+    assert _int8(terms) == (MACS["a"] + MACS["b"], MACS["d"], 256 + 512)
 
 
 def test_unknown_dims_count_no_conversion():
     model = _quantized(["b"])
     assert latency_terms(model, {}).converted == 0  # the batch dim is not given
+
+
+@pytest.mark.parametrize("pipeline, kind", [("quantize-dynamic", "dynamic int8"), ("quantize-weights-int4{block_size=16}", "int4")])
+def test_weight_only_matmuls_cost_their_kernels_macs(pipeline, kind):
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="m")], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 32])],
+        [numpy_helper.from_array(RNG.standard_normal((64, 32)).astype(np.float32), "w")])
+    model = onnxcompress.compress(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), pipeline).model
+    terms = latency_terms(model, {"x": [1, 5, 64]})
+    macs = 5 * 64 * 32
+    assert terms.macs == macs and terms.converted == 0
+    assert terms.kernel_macs == {k: (macs if k == kind else 0) for k in Objective.MAC_COSTS}
+    assert Objective("latency", {"x": [1, 5, 64]})(model) == pytest.approx(Objective.MAC_COSTS[kind] * macs, rel=1e-12)

@@ -407,12 +407,31 @@ def _weight_free_proto(model: ir.Model) -> tuple[onnx.ModelProto, list[ir.Node]]
     ir.serde.serialize_graph_into(proto.graph, view, model_ir_version=model.ir_version)
     proto.graph.initializer.extend(initializer_protos)
     proto.graph.input.extend(extra_inputs)
+    _stand_in_standard_ops(proto.graph)
     for function in model.functions.values():
         try:
             proto.functions.append(ir.serde.serialize_function(function))
         except Exception as exc:  # pragma: no cover - inference then skips calls to it
             logger.debug("cost: could not serialise function %s: %s", function.identifier(), exc)
     return proto, kept_nodes
+
+
+def _stand_in_standard_ops(g: onnx.GraphProto) -> None:
+    """Give ONNX shape inference, which knows no contrib op, a standard op with the same output
+    shape where there is one: DynamicQuantizeMatMul(A, B, ...) becomes MatMul(A, B), its
+    (u)int8 weight B, a typed graph input, retyped float as A is. Node for node, so the
+    inferred graph stays in step with the IR's."""
+    weights = {vi.name: vi for vi in g.input}
+    for node in g.node:
+        if node.domain != "com.microsoft" or node.op_type != "DynamicQuantizeMatMul" or len(node.input) < 2:
+            continue
+        weight = weights.get(node.input[1])
+        if weight is None or not weight.type.HasField("tensor_type"):
+            continue  # a computed or inline weight: inference leaves the output unknown
+        weight.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        del node.input[2:]
+        del node.attribute[:]
+        node.op_type, node.domain = "MatMul", ""
 
 
 def _type_map(g: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
