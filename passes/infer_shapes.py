@@ -42,6 +42,10 @@ class InferShapes(CompressionPass):
     disagreed is noted. With ``trust_declared=true`` declared annotations are kept
     as they are and inference only fills gaps.
 
+    A dim inference cannot tie to a known size or symbol is left unnamed in node outputs: onnx
+    names each such dim afresh (``unk__0``, ``unk__1``, ...), which tells onnxruntime that dims
+    it could prove equal differ, and it then skips fusions (minilm_l6 ran 13% slower with them).
+
     Only annotations change; the computation never does. ``modified`` is True exactly when some
     value's type or shape annotation changed. Values inside functions are not annotated.
     """
@@ -62,6 +66,7 @@ class InferShapes(CompressionPass):
             self.note("onnx shape inference inferred nothing (see the log for its error)")
         if self._reconcile(declared):
             _infer(model)  # let the declarations kept above propagate to what follows them
+        _unname_made_up_dims(_node_outputs(model))
         changed = [v for v, old in before.items() if _annotation(v) != old]
         if changed:
             self.note(f"updated the type/shape of {len(changed)} values")
@@ -96,6 +101,13 @@ class InferShapes(CompressionPass):
 
 def _infer(model: ir.Model) -> None:
     ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+
+
+def _unname_made_up_dims(values: list[ir.Value]) -> None:
+    for value in values:
+        if value.shape is not None and any(not isinstance(d, int) and not _known(d) and d.value is not None
+                                           for d in value.shape):
+            value.shape = ir.Shape([d if isinstance(d, int) or _known(d) else None for d in value.shape])
 
 
 def _all_values(model: ir.Model) -> list[ir.Value]:

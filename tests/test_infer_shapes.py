@@ -130,6 +130,27 @@ def test_declared_dims_beat_dims_onnx_cannot_infer():
     assert not InferShapes()(model).modified
 
 
+def test_dims_onnx_makes_up_names_for_are_left_unnamed():
+    """onnx names NonZero's count dim unk__N, a new name per value: two values that have
+    the same count would claim different dims (onnxruntime then skips fusions). Known
+    symbols and sizes stay."""
+    model = from_text("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3] x) => (int64[2, M] y) {
+      nz = NonZero (x)
+      y = Neg (nz)
+      s = Shape (x)
+    }""")
+    p = InferShapes()
+    assert p(model).modified
+    assert shape_of(model, "nz") == [2, None]
+    assert shape_of(model, "y") == [2, "M"]  # the declared output names it
+    assert shape_of(model, "s") == [2]
+    assert not any(not isinstance(d, int) and d.value and d.value.startswith("unk__")
+                   for node in model.graph for v in node.outputs for d in (v.shape or ()))
+    assert not InferShapes()(model).modified
+
+
 def test_subgraph_values_are_annotated():
     model = from_text("""
     <ir_version: 8, opset_import: ["" : 17]>
