@@ -133,8 +133,8 @@ def latency_terms(model: ir.Model, input_shapes: dict | None = None) -> LatencyT
 def kernel_kind(node: ir.Node, outputs: set) -> str | None:
     """The kind of low-precision kernel onnxruntime runs the node with (a key of
     Objective.MAC_COSTS), or None for a float one: ``int8`` (``depthwise int8``) for a node
-    that reads a dequantized weight and runs on int8 values, ``dynamic int8`` for the
-    dynamically quantized MatMuls, ``int4`` for MatMulNBits."""
+    that reads a dequantized weight and runs on int8 values, ``dynamic int8`` for
+    DynamicQuantizeMatMul and MatMulIntegerToFloat, ``int4`` for MatMulNBits."""
     if node.op_type in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
         return "dynamic int8"
     if node.op_type == "MatMulNBits":
@@ -199,7 +199,7 @@ def _is_constant(value: ir.Value | None) -> bool:
 
 
 def _input_symbols(model: ir.Model, input_shapes: dict) -> dict[str, int]:
-    """Sizes of the graph inputs' symbolic dims, from ``input_shapes`` (None where unknown)."""
+    """Sizes of the graph inputs' symbolic dims, as far as ``input_shapes`` gives them."""
     symbols = {}
     for value in model.graph.inputs:
         for dim, size in zip(value.shape or (), input_shapes.get(value.name, ())):

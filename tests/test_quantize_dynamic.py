@@ -143,6 +143,23 @@ def test_uint8_storage_is_exact_where_int16_pairs_would_overflow():
     np.testing.assert_allclose(run(model, {"x": x})[0], reference(x, q, scale), rtol=1e-6)
 
 
+def test_int7_storage_is_exact_where_int16_pairs_of_int8_products_would_overflow():
+    """Every product at its largest and of one sign: int8 codes of 127 would overflow int16 in
+    pairs on a CPU without VNNI; int7 codes (at most 63) cannot, on any CPU."""
+    rng = np.random.default_rng(6)
+    q = rng.integers(0, 64, (64, 8))
+    q[0] = 63  # each column reaches the top of the 7-bit grid
+    scale = rng.uniform(0.001, 0.02, 8).astype(np.float32)
+    model = matmul_model((q * scale).astype(np.float32))
+    x = on_uint8_grid((2, 3, 64), 0.0, 2.0)
+    p = apply(model, storage="int7")
+    node = find_node(model, "mm")
+    assert len(node.inputs) == 3  # int8 codes, no zero point
+    assert node.inputs[1].const_value.numpy().dtype == np.int8 and int(np.abs(node.inputs[1].const_value.numpy()).max()) == 63
+    assert records(p)[0].detail.startswith("int7 per-column (8 scales), stored as int8")
+    np.testing.assert_allclose(run(model, {"x": x})[0], reference(x, q, scale), rtol=1e-6)
+
+
 def test_input_and_weight_on_their_grids_give_the_float_product():
     w, _, _ = on_int8_grid(K, N, seed=2)
     model = matmul_model(w)
