@@ -40,40 +40,40 @@ _MOBILENET_DEPTHWISE = r"/features/features\.1/conv/conv\.0/conv\.0\.0/Conv|/fea
 _MINILM_FFN = r"/bert/encoder/layer\.{}/(intermediate|output)/dense/MatMul"
 _MINILM_ATTENTION = r"/bert/encoder/layer\.{}/attention/.*MatMul"
 
-# Per model: (label, pass, regular expression over the names of the nodes it quantizes; the
-# nodes are those of the op type the pass rewrites, with a constant weight).
+QDQ, DYNAMIC, INT4 = ("quantize-qdq", "calibration=minmax"), ("quantize-dynamic", ""), ("quantize-weights-int4", "method=rtn")
+
+# Per model: the op type whose constant-weight nodes the regions name, and the regions: (label,
+# (pass, its options), regular expression over the names of the nodes it rewrites).
 REGIONS = {
     "mobilenet_v2": ("Conv", [
-        ("stem conv", "quantize-qdq", r"/features/features\.0/.*"),
-        ("one 1x1 conv (block 2, 16->96 at 112x112)", "quantize-qdq", r"/features/features\.2/conv/conv\.0/.*"),
-        ("block 2", "quantize-qdq", r"/features/features\.2/.*"),
-        ("blocks 2-3", "quantize-qdq", r"/features/features\.[23]/.*"),
-        ("blocks 4-7", "quantize-qdq", r"/features/features\.[4-7]/.*"),
-        ("blocks 14-17", "quantize-qdq", r"/features/features\.1[4-7]/.*"),
-        ("1x1 convs of blocks 14-17", "quantize-qdq", r"/features/features\.1[4-7]/conv/conv\.(0/conv\.0\.0|2)/.*"),
-        ("every depthwise conv", "quantize-qdq", _MOBILENET_DEPTHWISE),
-        ("every conv", "quantize-qdq", r".*"),
+        ("stem conv", QDQ, r"/features/features\.0/.*"),
+        ("one 1x1 conv (block 2, 16->96 at 112x112)", QDQ, r"/features/features\.2/conv/conv\.0/.*"),
+        ("block 2", QDQ, r"/features/features\.2/.*"),
+        ("blocks 2-3", QDQ, r"/features/features\.[23]/.*"),
+        ("blocks 4-7", QDQ, r"/features/features\.[4-7]/.*"),
+        ("blocks 14-17", QDQ, r"/features/features\.1[4-7]/.*"),
+        ("1x1 convs of blocks 14-17", QDQ, r"/features/features\.1[4-7]/conv/conv\.(0/conv\.0\.0|2)/.*"),
+        ("every depthwise conv", QDQ, _MOBILENET_DEPTHWISE),
+        ("every conv", QDQ, r".*"),
     ]),
     "minilm_l6": ("MatMul", [
-        ("attention of layers 0-2, dynamic int8", "quantize-dynamic", _MINILM_ATTENTION.format("[0-2]")),
-        ("feed-forward of layers 0-2, dynamic int8", "quantize-dynamic", _MINILM_FFN.format("[0-2]")),
-        ("every MatMul, dynamic int8", "quantize-dynamic", r".*"),
-        ("feed-forward of layers 0-2, int4", "quantize-weights-int4", _MINILM_FFN.format("[0-2]")),
-        ("attention of layers 0-2, int4", "quantize-weights-int4", _MINILM_ATTENTION.format("[0-2]")),
-        ("every MatMul, int4", "quantize-weights-int4", r".*"),
-        ("every MatMul, rank 0.5 (float)", "low-rank-gemm", r".*"),
-        ("feed-forward of every layer, rank 0.25 (float)", "low-rank-gemm-quarter", _MINILM_FFN.format(".")),
+        ("attention of layers 0-2, dynamic int8", DYNAMIC, _MINILM_ATTENTION.format("[0-2]")),
+        ("feed-forward of layers 0-2, dynamic int8", DYNAMIC, _MINILM_FFN.format("[0-2]")),
+        ("every MatMul, dynamic int8", DYNAMIC, r".*"),
+        ("feed-forward of layers 0-2, int4", INT4, _MINILM_FFN.format("[0-2]")),
+        ("attention of layers 0-2, int4", INT4, _MINILM_ATTENTION.format("[0-2]")),
+        ("every MatMul, int4", INT4, r".*"),
+        ("every MatMul, rank 0.5 (float)", ("low-rank-gemm", "ratio=0.5"), r".*"),
+        ("feed-forward of every layer, rank 0.25 (float)", ("low-rank-gemm", "ratio=0.25"), _MINILM_FFN.format(".")),
     ]),
 }
-# what each region's entry runs: (pass, options)
-ENTRIES = {"quantize-qdq": ("quantize-qdq", "calibration=minmax,"), "quantize-dynamic": ("quantize-dynamic", ""),
-           "quantize-weights-int4": ("quantize-weights-int4", "method=rtn,"), "low-rank-gemm": ("low-rank-gemm", "ratio=0.5,"), "low-rank-gemm-quarter": ("low-rank-gemm", "ratio=0.25,")}
 
 
-def region_pipeline(entry: str, nodes: list[str]) -> str:
-    pass_name, options = ENTRIES[entry]
-    inner = ",".join(f"@{format_value(name_pattern(n))}{{skip=false}}" for n in nodes)
-    return f"default,{pass_name}{{{options}{inner},@.*{{skip=true}}}}"
+def region_pipeline(entry: tuple[str, str], nodes: list[str]) -> str:
+    pass_name, options = entry
+    inner = [options] if options else []
+    inner += [f"@{format_value(name_pattern(n))}{{skip=false}}" for n in nodes] + ["@.*{skip=true}"]
+    return f"default,{pass_name}{{{','.join(inner)}}}"
 
 
 def measure(name: str, rounds: int) -> tuple[list[dict], list[tuple[LatencyTerms, float]], int, dict]:
@@ -92,9 +92,9 @@ def measure(name: str, rounds: int) -> tuple[list[dict], list[tuple[LatencyTerms
     with tempfile.TemporaryDirectory() as tmp:
         reference = Path(tmp) / "normalised.onnx"  # what the tuner's plans start from
         onnxcompress.save_model(base, reference)
-        for label, pass_name, pattern in regions:
+        for label, entry, pattern in regions:
             nodes = [n.name for n in weighted if re.fullmatch(pattern, n.name)]
-            model = onnxcompress.compress(source, region_pipeline(pass_name, nodes), calibration=feeds).model
+            model = onnxcompress.compress(source, region_pipeline(entry, nodes), calibration=feeds).model
             path = Path(tmp) / "candidate.onnx"
             onnxcompress.save_model(model, path)
             ratio = latency_ratio(reference, path, feeds[0], rounds=rounds)
