@@ -321,6 +321,24 @@ def test_the_plan_file_reproduces_the_tuned_model_bit_for_bit(digits_tuned):
     assert str(Pipeline.parse(f"@{written['plan']}")) == result.pipeline
 
 
+def test_the_latency_objective_chooses_by_the_estimate_and_keeps_the_budget():
+    from onnxcompress.sensitivity import Objective
+    from onnxcompress.tuning import _input_shapes
+
+    result = tune(str(DIGITS), _digits_feeds(), "sqnr>=25", "latency", knobs="int8,prune,low-rank-gemm")
+    assert result.within_budget and result.objective == "latency"
+    estimate = Objective("latency", _input_shapes(load_model(DIGITS), _digits_feeds()))
+    # the record's objective is the estimate of the model returned, which is below the original's
+    assert result.result["objective"] == pytest.approx(estimate(result.model), rel=1e-12)
+    assert result.result["objective"] < result.baseline["objective"] and result.chosen.k > 0
+    # an int8 conv whose conversions cost more than its MACs save (the stem, reading the graph
+    # input) is estimated to slow the model down and is not in the plan
+    int8 = {p.knob.node: p.saving for p in result.probes if p.status == "rewritten" and p.knob.family.name == "int8"}
+    assert int8["/features/features.0/Conv"] < 0
+    qdq_entry = result.pipeline[result.pipeline.index("quantize-qdq"):]
+    assert all(re.escape(node) not in qdq_entry for node, saving in int8.items() if saving <= 0)
+
+
 def test_two_workers_measure_what_one_does(digits_tuned):
     result, _ = digits_tuned
     parallel = tune(str(DIGITS), _digits_feeds(), "sqnr>=25", "size", jobs=2)
