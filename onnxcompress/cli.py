@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     tun.add_argument("--budget", required=True,
                      help="what the plan must keep, e.g. 'top1>=0.99', 'sqnr>=30,cosine>=0.999', 'metric_drop<=0.005' (with --metric)")
     tun.add_argument("--objective", choices=("size", "latency", "macs"), default="size",
-                     help="what to minimise (latency: estimated per probe from MACs, int8 MACs at half cost)")
+                     help="what to minimise (latency: estimated from MACs priced by the kernel onnxruntime runs and the "
+                          "int8 conversions it cannot fold)")
     tun.add_argument("--knobs", default=None, help="knob families to turn per node, comma-separated (default: int8,prune,low-rank,low-rank-gemm)")
     tun.add_argument("-j", "--jobs", type=int, default=1, help="probe in N worker processes")
     tun.add_argument("--metric", metavar="MODULE:FUNCTION", help="your metric: called with a model path, returns a number, higher is better")
