@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.activations import reusing
-from onnxcompress.analysis.cost import compute_cost
+from onnxcompress.analysis.cost import compute_cost, input_symbols
 from onnxcompress.knobs import Knob, probe_pipeline
 from onnxcompress.manager import PassManager
 from onnxcompress.metrics import Drift, output_drift, worst
@@ -126,7 +126,7 @@ def latency_terms(model: ir.Model, input_shapes: dict | None = None) -> LatencyT
     for c in cost.nodes:
         if kinds.get(c.node) is not None:
             kernel_macs[kinds[c.node]] += c.macs
-    symbols = _input_symbols(model, input_shapes or {})
+    symbols = input_symbols(model, input_shapes=input_shapes)  # as the MACs count them
     return LatencyTerms(cost.macs, kernel_macs, sum(_elements(value, symbols) for value in unfolded_conversions(model)))
 
 
@@ -145,8 +145,8 @@ def kernel_kind(node: ir.Node, outputs: set) -> str | None:
 
 
 def _depthwise(node: ir.Node) -> bool:
-    group = node.attributes.get("group")
-    return node.op_type == "Conv" and group is not None and group.as_int() > 1
+    """A grouped Conv (its weight is a DequantizeLinear output here, so its shape is not read)."""
+    return node.op_type == "Conv" and node.attributes.get_int("group", 1) > 1
 
 
 def _reads_dequantized_weight(node: ir.Node) -> bool:
@@ -196,16 +196,6 @@ def _is_constant(value: ir.Value | None) -> bool:
     producer = value.producer()
     return producer is not None and (producer.op_type == "Constant" or
                                      (producer.op_type == "DequantizeLinear" and _is_constant(producer.inputs[0])))
-
-
-def _input_symbols(model: ir.Model, input_shapes: dict) -> dict[str, int]:
-    """Sizes of the graph inputs' symbolic dims, as far as ``input_shapes`` gives them."""
-    symbols = {}
-    for value in model.graph.inputs:
-        for dim, size in zip(value.shape or (), input_shapes.get(value.name, ())):
-            if isinstance(dim, ir.SymbolicDim) and dim.value is not None and size is not None:
-                symbols.setdefault(dim.value, int(size))
-    return symbols
 
 
 def _elements(value: ir.Value, symbols: dict[str, int]) -> int:

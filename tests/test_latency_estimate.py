@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -82,9 +83,18 @@ def test_a_conv_whose_output_is_not_quantized_runs_in_float():
     assert _int8(terms) == (MACS["a"] + MACS["b"], MACS["d"], 256 + 512)
 
 
+def test_without_input_shapes_conversions_count_at_the_batch_the_macs_assume():
+    model = _quantized(["b"])
+    # compute_cost takes batch 1 for the symbolic first dim; the conversions follow it
+    assert latency_terms(model, {}) == latency_terms(model, SHAPES)
+    assert latency_terms(model, {}).converted == 512 + 512
+
+
 def test_unknown_dims_count_no_conversion():
     model = _quantized(["b"])
-    assert latency_terms(model, {}).converted == 0  # the batch dim is not given
+    for value in unfolded_conversions(model):
+        value.shape = ir.Shape([None, *value.shape[1:]])  # a dim nothing names
+    assert latency_terms(model, SHAPES).converted == 0
 
 
 @pytest.mark.parametrize("pipeline, kind", [("quantize-dynamic", "dynamic int8"), ("quantize-weights-int4{block_size=16}", "int4")])

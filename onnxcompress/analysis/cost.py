@@ -74,7 +74,7 @@ from onnxcompress.analysis import register_analysis
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NodeCost", "ModelCost", "compute_cost", "mac_op_types", "tensor_params_and_bytes"]
+__all__ = ["NodeCost", "ModelCost", "compute_cost", "input_symbols", "mac_op_types", "tensor_params_and_bytes"]
 
 # Constant tensors up to this many elements keep their data in the copy handed to shape
 # inference (shape-like int64 vectors, scalars for Range, ...); larger ones become typed inputs.
@@ -850,6 +850,12 @@ def _apply_fixed_inputs(
 # --------------------------------------------------------------------------------------------
 # The analysis
 # --------------------------------------------------------------------------------------------
+
+
+def input_symbols(model: ir.Model, batch: int = 1, input_shapes: dict[str, list[int]] | None = None) -> dict[str, int]:
+    """The sizes :func:`compute_cost` gives the symbolic dims of the graph inputs (same
+    arguments): those ``input_shapes`` fixes, and ``batch`` for a symbolic first dim."""
+    return _collect_symbols(model.graph, batch, input_shapes)[0]
 
 
 @register_analysis("cost")
