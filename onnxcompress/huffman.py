@@ -166,15 +166,19 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
     """The canonical code (uint64, right-aligned) of every symbol with a nonzero length."""
     lengths = np.asarray(lengths)
     codes = np.zeros(lengths.size, dtype=np.uint64)
-    order = np.lexsort((np.arange(lengths.size), lengths))
-    order = order[lengths[order] > 0]
+    order = _canonical_order(lengths)
     if order.size:
         # in canonical order, a code is the Kraft sum of the codes before it, read at its length
-        sorted_lengths = lengths[order].astype(np.uint64)
-        longest = sorted_lengths[-1]
-        kraft = np.cumsum(np.uint64(1) << (longest - sorted_lengths)) - (np.uint64(1) << (longest - sorted_lengths))
-        codes[order] = kraft >> (longest - sorted_lengths)
+        room = lengths[order].max().astype(np.uint64) - lengths[order].astype(np.uint64)
+        span = np.uint64(1) << room
+        codes[order] = (np.cumsum(span) - span) >> room
     return codes
+
+
+def _canonical_order(lengths: np.ndarray) -> np.ndarray:
+    """The symbols with a code, sorted by (length, symbol): the order of their canonical codes."""
+    order = np.lexsort((np.arange(lengths.size), lengths))
+    return order[lengths[order] > 0]
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -428,8 +432,7 @@ class _DecodeTable:
         longest = int(lengths.max())
         # canonical codes in (length, symbol) order fill the table in consecutive runs, one of
         # 2^(longest - length) entries per symbol (all of it but for a lone symbol's code 0)
-        order = np.lexsort((np.arange(lengths.size), lengths))
-        order = order[lengths[order] > 0]
+        order = _canonical_order(lengths)
         entry = order.astype(np.uint32) | lengths[order].astype(np.uint32) * np.uint32(1 << 16 | 1 << 24)
         runs = np.repeat(entry, 1 << (longest - lengths[order].astype(np.int64)))
         single = np.zeros(1 << longest, dtype=np.uint32)
