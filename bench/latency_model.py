@@ -33,7 +33,7 @@ import models  # noqa: E402
 import onnxcompress  # noqa: E402
 from onnxcompress.pipeline import format_value, name_pattern  # noqa: E402
 from onnxcompress.sensitivity import LatencyTerms, Objective, latency_terms  # noqa: E402
-from onnxcompress.tuning import _input_shapes  # noqa: E402
+from onnxcompress.instruments.cost import symbolic_dims_from  # noqa: E402
 
 # block 1 starts with its depthwise conv, blocks 2-17 expand first
 _MOBILENET_DEPTHWISE = r"/features/features\.1/conv/conv\.0/conv\.0\.0/Conv|/features/features\.([2-9]|1[0-7])/conv/conv\.1/conv\.1\.0/Conv"
@@ -82,7 +82,7 @@ def measure(name: str, rounds: int) -> tuple[list[dict], list[tuple[LatencyTerms
     source = str(models.fetch(name))
     feeds = models.calibration_feeds(name, 8)
     base = onnxcompress.compress(source, "default").model
-    shapes = _input_shapes(base, feeds)
+    shapes = symbolic_dims_from(base, feeds[0])  # as the tuner sizes them
     estimate = Objective("latency", shapes)
     base_macs, base_estimate = latency_terms(base, shapes).macs, estimate(base)
     op_type, regions = REGIONS[name]

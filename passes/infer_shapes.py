@@ -105,9 +105,13 @@ def _infer(model: ir.Model) -> None:
 
 def _unname_made_up_dims(values: list[ir.Value]) -> None:
     for value in values:
-        if value.shape is not None and any(not isinstance(d, int) and not _known(d) and d.value is not None
-                                           for d in value.shape):
-            value.shape = ir.Shape([d if isinstance(d, int) or _known(d) else None for d in value.shape])
+        if value.shape is not None and any(_made_up(d) for d in value.shape):
+            value.shape = ir.Shape([None if _made_up(d) else d for d in value.shape])
+
+
+def _made_up(dim) -> bool:
+    """onnx's ``unk__N``: a name that says nothing (an unnamed dim is None already)."""
+    return not isinstance(dim, int) and dim.value is not None and not _known(dim)
 
 
 def _all_values(model: ir.Model) -> list[ir.Value]:

@@ -260,7 +260,8 @@ class QuantizeDynamic(CompressionPass):
                         options: QuantizeDynamicOptions) -> str:
         w = sites[0].matrix()
         k, n = w.shape
-        q, scale = quantize_weight(w, 1 if options.per_channel else None, INT7 if options.storage == "int7" else INT8_NARROW)
+        grid_bits = "int7" if options.storage == "int7" else "int8"
+        q, scale = quantize_weight(w, 1 if options.per_channel else None, INT7 if grid_bits == "int7" else INT8_NARROW)
         scale = np.atleast_1d(scale).astype(np.float32)
         base = weight.name or "weight"
         if options.storage == "uint8":
@@ -281,8 +282,8 @@ class QuantizeDynamic(CompressionPass):
         before, after = _sizes(sites[0], options)
         grid = f"per-column ({n} scales)" if options.per_channel else "per-tensor (1 scale)"
         shared = f"; shared by {len(sites)} nodes" if len(sites) > 1 else ""
-        bits = "int7" if options.storage == "int7" else "int8"
-        return f"{bits} {grid}, stored as {'int8' if options.storage == 'int7' else options.storage}, weight {k}×{n}: {size_text(before, after, k * n)}{shared}"
+        stored = "uint8" if options.storage == "uint8" else "int8"
+        return f"{grid_bits} {grid}, stored as {stored}, weight {k}×{n}: {size_text(before, after, k * n)}{shared}"
 
     # ------------------------------------------------------------------------ tables
 
