@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.conv_split import prepared
+from onnxcompress.executed import saturating_u8s8
 from onnxcompress.initializers import Names, drop_if_unused, new_initializer, take_over
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
@@ -54,11 +55,12 @@ class QuantizeDynamicOptions(PassOptions):
     """Options of quantize-dynamic."""
 
     per_channel: bool = option(True, "one weight scale per output column (false: one per weight)")
-    storage: Literal["uint8", "int8", "int7"] = option(
-        "uint8", "how the int8 weight codes are stored: uint8 (code + 128, zero point 128; exact on "
-                 "every x86 CPU), int8 (no zero point; its int8 kernel can saturate on CPUs "
-                 "without VNNI) or int7 (int8 codes in [-63, 63]: exact and as fast as int8 on "
-                 "such a CPU, one bit coarser)")
+    storage: Literal["auto", "uint8", "int8", "int7"] = option(
+        "auto", "how the int8 weight codes are stored: uint8 (code + 128, zero point 128; exact on "
+                "every x86 CPU, slow kernel), int8 (no zero point; its int8 kernel can saturate on "
+                "x86 CPUs without VNNI), int7 (int8 codes in [-63, 63]: exact and as fast as int8 "
+                "on such a CPU, one bit coarser) or auto (int7 on an x86 CPU without VNNI, int8 "
+                "elsewhere)")
     tables: bool = option(True, "also store float Gather tables (embeddings) as uint8 with a "
                                 "scale and zero point per row")
     recurrent: bool = option(True, "also quantize LSTM weights for DynamicQuantizeLSTM (GRU and RNN have "
@@ -110,18 +112,19 @@ class QuantizeDynamic(CompressionPass):
     float32 [N] on either side, the Add alone reading the MatMul's output, which is no graph
     output) is folded in the same way. A weight read by several such nodes is quantized once.
 
-    Storage (measured on this project's AVX2 machines, onnxruntime 1.32): the int8 codes
-    are stored by default as uint8 ``q + 128`` with zero point 128, the same grid, because
-    onnxruntime's uint8×int8 kernel on CPUs without VNNI sums pairs of products in int16 and
-    saturates (random 64×8 layers: errors of 0.5–4.6 on outputs of size ~20, against a
-    quantization error of ~0.2), while its uint8×uint8 kernel is exact; ``storage=int8``
-    keeps int8 codes without a zero point (for VNNI machines). On minilm_l6 (one thread,
-    median per sentence) uint8 storage takes 11.2 ms, int8 9.4 ms, FP32 19.1 ms; cosine
-    to FP32 0.9927 and 0.9919. ``storage=int7`` stores int8 codes on the 7-bit grid [-63, 63]
-    (scale = largest magnitude / 63), without a zero point: sums of two products stay inside
-    int16 (255 · 63 · 2 < 32767), so the fast uint8×int8 kernel is exact on CPUs without VNNI
-    too, for one bit of weight precision (minilm_l6 after ``default``, 2 threads: latency
-    ratio 0.87 with uint8 storage, 0.56 with int8, 0.56 with int7).
+    Storage (measured on this project's AVX2 machines, onnxruntime 1.32): onnxruntime's
+    uint8×int8 kernel on x86 CPUs without VNNI sums pairs of products in int16 and saturates
+    when int8 codes reach 127 (random 64×8 layers: errors of 0.5–4.6 on outputs of size ~20,
+    against a quantization error of ~0.2). ``storage=int7`` stores int8 codes on the 7-bit
+    grid [-63, 63] (scale = largest magnitude / 63), without a zero point: sums of two
+    products stay inside int16 (255 · 63 · 2 < 32767), so that fast kernel is exact, for one
+    bit of weight precision. ``storage=uint8`` keeps the full int8 grid exact there another
+    way, stored as uint8 ``q + 128`` with zero point 128, but runs onnxruntime's slow
+    uint8×uint8 kernel; ``storage=int8`` keeps int8 codes without a zero point (exact with
+    VNNI, and on other CPUs). ``storage=auto``, the default, is int7 on an x86 CPU without
+    VNNI and int8 elsewhere. minilm_l6 after ``default``, 2 threads, latency ratio to FP32:
+    0.87 with uint8 storage, 0.56 with int8, 0.56 with int7; accuracy on its 970 texts 0.814
+    (FP32), 0.814 (uint8), 0.810 (int7).
 
     Tables (``tables=true``): a Gather from a constant float32 2-D table (axis 0, computed
     indices: an embedding) becomes ``com.microsoft.GatherBlockQuantized`` with uint8 codes
@@ -146,8 +149,8 @@ class QuantizeDynamic(CompressionPass):
     1.1 % against 1.4 % per gate row), as onnxruntime's own quantizer chooses. GRU and RNN stay
     float: onnxruntime has no such kernel for them.
 
-    Exact limit: a weight already on its per-column int8 grid (``w = q·s``, |q| reaching
-    127 in each column) gives the output of an integer reference (A quantized as
+    Exact limit: a weight already on the per-column grid of its storage (``w = q·s``, |q|
+    reaching 127 in each column, 63 with int7) gives the output of an integer reference (A quantized as
     DynamicQuantizeLinear does, integer product, times the scales) to float rounding, and
     with A itself on a uint8 grid over its [min, max] the float product A·W to ~1e-5
     relative; a table already on its per-row uint8 grid (or, with ``table_bits=4``, on its
@@ -234,10 +237,12 @@ class QuantizeDynamic(CompressionPass):
         ignore = lambda node, reason: None  # noqa: E731
         out = []
         for sites in weight_sites(model, self.options, ignore, self.skipped_by_plan).values():
-            before, after = _sizes(sites[0], self.node_options(sites[0].node))
+            options = self.node_options(sites[0].node)
+            before, after = _sizes(sites[0], options)
             if after < before:
                 k, n = sites[0].shape
-                what = f"int8 weight {k}×{n}: {size_text(before, after, k * n)}"
+                grid = "int7" if stored_codes(options.storage) == "int7" else "int8"
+                what = f"{grid} weight {k}×{n}: {size_text(before, after, k * n)}"
                 out += [Candidate(self.name, node_label(s.node), s.node.op_type, what) for s in sites]
         if self.options.recurrent:
             for node in lstm_nodes(model, self.options, ignore, self.skipped_by_plan):
@@ -260,11 +265,12 @@ class QuantizeDynamic(CompressionPass):
                         options: QuantizeDynamicOptions) -> str:
         w = sites[0].matrix()
         k, n = w.shape
-        grid_bits = "int7" if options.storage == "int7" else "int8"
+        storage = stored_codes(options.storage)
+        grid_bits = "int7" if storage == "int7" else "int8"
         q, scale = quantize_weight(w, 1 if options.per_channel else None, INT7 if grid_bits == "int7" else INT8_NARROW)
         scale = np.atleast_1d(scale).astype(np.float32)
         base = weight.name or "weight"
-        if options.storage == "uint8":
+        if storage == "uint8":
             codes = (q.astype(np.int16) + UINT8_OFFSET).astype(np.uint8)
             zero_point = np.full(scale.shape, UINT8_OFFSET, np.uint8)
             zp_value = new_initializer(model, names.unique(f"{base}_zero_point"), zero_point)
@@ -282,7 +288,7 @@ class QuantizeDynamic(CompressionPass):
         before, after = _sizes(sites[0], options)
         grid = f"per-column ({n} scales)" if options.per_channel else "per-tensor (1 scale)"
         shared = f"; shared by {len(sites)} nodes" if len(sites) > 1 else ""
-        stored = "uint8" if options.storage == "uint8" else "int8"
+        stored = "uint8" if storage == "uint8" else "int8"
         return f"{grid_bits} {grid}, stored as {stored}, weight {k}×{n}: {size_text(before, after, k * n)}{shared}"
 
     # ------------------------------------------------------------------------ tables
@@ -403,9 +409,16 @@ def _block_reason(gather: _Table, options: QuantizeDynamicOptions) -> str:
     return ""
 
 
+def stored_codes(storage: str) -> str:
+    """The storage ``auto`` stands for on this CPU (see the pass's docstring); others as given."""
+    if storage != "auto":
+        return storage
+    return "int7" if saturating_u8s8() else "int8"
+
+
 def _sizes(site: WeightSite, options: QuantizeDynamicOptions) -> tuple[int, int]:
     """Bytes of the site's weight as float32 and as int8 codes with their scales (and zero points)."""
     k, n = site.shape
     columns = n if options.per_channel else 1
-    zero_points = columns if options.storage == "uint8" else 0
+    zero_points = columns if stored_codes(options.storage) == "uint8" else 0
     return FLOAT_BYTES * k * n, k * n + FLOAT_BYTES * columns + zero_points

@@ -180,7 +180,7 @@ CASES = [
     Case("quantize-qdq", "per_channel=false", lambda: conv_chain(last=4), "conv2", ("conv1",), feeds=True),
     Case("quantize-qdq{weights=int7}", "weights=int8", lambda: conv_chain(last=4), "conv2", ("conv1",), feeds=True),
     Case("quantize-dynamic", "per_channel=false", lambda: matmul_chain(2), "mm2", ("mm1",)),
-    Case("quantize-dynamic", "storage=int8", lambda: matmul_chain(2), "mm2", ("mm1",)),
+    Case("quantize-dynamic", "storage=uint8", lambda: matmul_chain(2), "mm2", ("mm1",)),
     Case("quantize-weights-int4", "block_size=16", lambda: matmul_chain(2), "mm2", ("mm1",)),
     Case("quantize-weights-int4", "symmetric=true", lambda: matmul_chain(2), "mm2", ("mm1",)),
     Case("quantize-weights-int4", "accuracy_level=0", lambda: matmul_chain(2), "mm2", ("mm1",)),

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnxcompress.passes.quantize_dynamic import QuantizeDynamic, QuantizeDynamicOptions
+from onnxcompress.passes import quantize_dynamic
+from onnxcompress.passes.quantize_dynamic import QuantizeDynamic, QuantizeDynamicOptions, stored_codes
 
 from onnxcompress.errors import OptionError
 from onnxcompress.options import parse_options
@@ -80,13 +81,15 @@ def gemm_model(w, c=None, trans_a=0, trans_b=0, alpha=1.0, beta=1.0) -> ir.Model
 
 
 def apply(model: ir.Model, **options) -> QuantizeDynamic:
-    p = QuantizeDynamic(QuantizeDynamicOptions(**options))
+    """Run the pass; storage uint8 unless given, so the grid does not depend on this CPU (``auto``
+    has its own tests)."""
+    p = QuantizeDynamic(QuantizeDynamicOptions(**{"storage": "uint8", **options}))
     p(model)
     return p
 
 
 def assert_untouched(model: ir.Model, reason: str, node: str = "mm", **options) -> None:
-    assert_left_alone(QuantizeDynamic(QuantizeDynamicOptions(**options)), model, reason, node)
+    assert_left_alone(QuantizeDynamic(QuantizeDynamicOptions(**{"storage": "uint8", **options})), model, reason, node)
 
 
 def feeds_for(model, seed=1):
@@ -158,6 +161,27 @@ def test_int7_storage_is_exact_where_int16_pairs_of_int8_products_would_overflow
     assert node.inputs[1].const_value.numpy().dtype == np.int8 and int(np.abs(node.inputs[1].const_value.numpy()).max()) == 63
     assert records(p)[0].detail.startswith("int7 per-column (8 scales), stored as int8")
     np.testing.assert_allclose(run(model, {"x": x})[0], reference(x, q, scale), rtol=1e-6)
+
+
+@pytest.mark.parametrize("saturating, grid, top", [(True, "int7", 63), (False, "int8", 127)])
+def test_auto_storage_is_int7_only_where_int8_codes_would_saturate(monkeypatch, saturating, grid, top):
+    monkeypatch.setattr(quantize_dynamic, "saturating_u8s8", lambda: saturating)
+    w, _, _ = on_int8_grid(K, N)
+    model = matmul_model(w)
+    p = QuantizeDynamic(QuantizeDynamicOptions())
+    p(model)
+    codes = find_node(model, "mm").inputs[1].const_value.numpy()
+    assert codes.dtype == np.int8 and int(np.abs(codes).max()) == top
+    assert len(find_node(model, "mm").inputs) == 3  # no zero point
+    assert records(p)[0].detail.startswith(f"{grid} per-column ({N} scales), stored as int8")
+
+
+def test_auto_storage_reproduces_the_storage_it_stands_for():
+    w = np.random.default_rng(8).standard_normal((K, N)).astype(np.float32)
+    by_auto, explicit = matmul_model(w), matmul_model(w)
+    QuantizeDynamic(QuantizeDynamicOptions(storage="auto"))(by_auto)
+    QuantizeDynamic(QuantizeDynamicOptions(storage=stored_codes("auto")))(explicit)
+    assert ir.to_proto(by_auto).SerializeToString() == ir.to_proto(explicit).SerializeToString()
 
 
 def test_input_and_weight_on_their_grids_give_the_float_product():
@@ -464,7 +488,7 @@ def test_runs_optimized_and_declares_the_domain():
 def test_candidates_list_what_would_be_rewritten():
     w, _, _ = on_int8_grid(K, N)
     model = matmul_model(w)
-    found = QuantizeDynamic().candidates(model)
+    found = QuantizeDynamic(QuantizeDynamicOptions(storage="uint8")).candidates(model)
     assert [(c.node, c.op_type) for c in found] == [("mm", "MatMul")]
     assert "3,840 → 1,060 bytes" in found[0].what
     assert ops(model) == ["MatMul"]
@@ -487,7 +511,7 @@ def test_records_state_the_sizes():
     [
         ({"min_elements": "-1"}, "min_elements' must be 0 or more"),
         ({"exclude": "("}, "not a valid regular expression"),
-        ({"storage": "int4"}, "must be one of uint8|int8"),
+        ({"storage": "int4"}, "must be one of auto|uint8|int8"),
         ({"per_channel": "maybe"}, "must be true or false"),
     ],
 )
