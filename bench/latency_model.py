@@ -3,15 +3,17 @@ regions of minilm_l6.
 
 ``tune --objective latency`` cannot time its probes (one node changed, on a shared CPU), so it
 estimates (:class:`onnxcompress.sensitivity.Objective`): a float MAC costs 1, a MAC of a
-low-precision kernel ``MAC_COSTS[kind]`` (int8 QDQ, depthwise int8, dynamic int8, int4), and
+low-precision kernel ``MAC_COSTS[kind]`` (int8 QDQ, depthwise int8, dynamic int8 with int8 or
+uint8 weights, int4), and
 every element that a QuantizeLinear or DequantizeLinear converts at a border between float and
 int8 nodes ``CONVERSION_COST``. This script quantizes regions of both models (for mobilenet_v2:
 one conv, one block, runs of blocks, every depthwise conv, every conv; for minilm_l6: the
-attention or the feed-forward MatMuls of some layers, in dynamic int8 or int4, and a
+attention or the feed-forward MatMuls of some layers, in dynamic int8 (both storages) or int4, and a
 low-rank region that removes float MACs, which pins the time of its ops without MACs), measures each
 latency ratio against the normalised FP32 model the tuner starts from (``default``;
 interleaved, batch 1, 2 threads), prints it beside the estimate,
-and fits the constants to the measurements by least squares.
+and fits the constants to the measurements by least squares, bounded so that no MAC, conversion
+or overhead costs less than nothing.
 
     python bench/latency_model.py
 """
@@ -25,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import lsq_linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import latency_ratio, markdown_table  # noqa: E402
@@ -40,7 +43,8 @@ _MOBILENET_DEPTHWISE = r"/features/features\.1/conv/conv\.0/conv\.0\.0/Conv|/fea
 _MINILM_FFN = r"/bert/encoder/layer\.{}/(intermediate|output)/dense/MatMul"
 _MINILM_ATTENTION = r"/bert/encoder/layer\.{}/attention/.*MatMul"
 
-QDQ, DYNAMIC, INT4 = ("quantize-qdq", "calibration=minmax"), ("quantize-dynamic", ""), ("quantize-weights-int4", "method=rtn")
+QDQ, INT4 = ("quantize-qdq", "calibration=minmax"), ("quantize-weights-int4", "method=rtn")
+DYNAMIC, DYNAMIC_UINT8 = ("quantize-dynamic", ""), ("quantize-dynamic", "storage=uint8")
 
 # Per model: the op type whose constant-weight nodes the regions name, and the regions: (label,
 # (pass, its options), regular expression over the names of the nodes it rewrites).
@@ -60,6 +64,8 @@ REGIONS = {
         ("attention of layers 0-2, dynamic int8", DYNAMIC, _MINILM_ATTENTION.format("[0-2]")),
         ("feed-forward of layers 0-2, dynamic int8", DYNAMIC, _MINILM_FFN.format("[0-2]")),
         ("every MatMul, dynamic int8", DYNAMIC, r".*"),
+        ("feed-forward of layers 0-2, dynamic uint8", DYNAMIC_UINT8, _MINILM_FFN.format("[0-2]")),
+        ("every MatMul, dynamic uint8", DYNAMIC_UINT8, r".*"),
         ("feed-forward of layers 0-2, int4", INT4, _MINILM_FFN.format("[0-2]")),
         ("attention of layers 0-2, int4", INT4, _MINILM_ATTENTION.format("[0-2]")),
         ("every MatMul, int4", INT4, r".*"),
@@ -128,7 +134,10 @@ def fit(measured: dict[str, tuple[list[tuple[LatencyTerms, float]], int]]) -> st
             target.append((ratio - 1.0) * base_macs - (terms.macs - base_macs))  # removed float MACs cost 1 each
     matrix = np.array(matrix, float)
     used = np.flatnonzero(np.any(matrix != 0, axis=0))  # what no region exercised cannot be fitted
-    solution, *_ = np.linalg.lstsq(matrix[:, used], np.array(target), rcond=None)
+    # Bounded: no MAC costs less than nothing, nor does a conversion or an overhead.
+    upper = np.array([1.0 if i < len(kinds) else np.inf for i in used])
+    lower = np.array([-np.inf if i < len(kinds) else 0.0 for i in used])
+    solution = lsq_linear(matrix[:, used], np.array(target), bounds=(lower, upper)).x
     parts = []
     for i, value in zip(used, solution):
         if i < len(kinds):

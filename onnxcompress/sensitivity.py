@@ -89,7 +89,8 @@ class Objective:
     MAC_COSTS = {
         "int8": 0.6,
         "depthwise int8": 1.1,  # onnxruntime's int8 depthwise kernel is no faster than its float one
-        "dynamic int8": 0.8,
+        "dynamic int8": 0.1,  # int8 weights: onnxruntime's u8s8 kernel, with the bias Add folded in
+        "dynamic uint8": 0.8,  # uint8 weights (quantize-dynamic{storage=uint8}): its slower u8u8 kernel
         "int4": 0.8,  # MatMulNBits, at batch 1
     }
     CONVERSION_COST = 35.0  # a conversion also breaks onnxruntime's blocked float layout around it
@@ -133,10 +134,12 @@ def latency_terms(model: ir.Model, input_shapes: dict | None = None) -> LatencyT
 def kernel_kind(node: ir.Node, outputs: set) -> str | None:
     """The kind of low-precision kernel onnxruntime runs the node with (a key of
     Objective.MAC_COSTS), or None for a float one: ``int8`` (``depthwise int8``) for a node
-    that reads a dequantized weight and runs on int8 values, ``dynamic int8`` for
-    DynamicQuantizeMatMul and MatMulIntegerToFloat, ``int4`` for MatMulNBits."""
+    that reads a dequantized weight and runs on int8 values, ``dynamic int8`` (``dynamic
+    uint8``) for DynamicQuantizeMatMul and MatMulIntegerToFloat with int8 (uint8) weights,
+    ``int4`` for MatMulNBits."""
     if node.op_type in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
-        return "dynamic int8"
+        weight = node.inputs[1]
+        return "dynamic uint8" if weight is not None and weight.dtype == ir.DataType.UINT8 else "dynamic int8"
     if node.op_type == "MatMulNBits":
         return "int4"
     if _reads_dequantized_weight(node) and _runs_int8(node, outputs):

@@ -97,7 +97,9 @@ def test_unknown_dims_count_no_conversion():
     assert latency_terms(model, SHAPES).converted == 0
 
 
-@pytest.mark.parametrize("pipeline, kind", [("quantize-dynamic", "dynamic int8"), ("quantize-weights-int4{block_size=16}", "int4")])
+@pytest.mark.parametrize("pipeline, kind", [
+    ("quantize-dynamic{storage=int8}", "dynamic int8"), ("quantize-dynamic{storage=int7}", "dynamic int8"),
+    ("quantize-dynamic{storage=uint8}", "dynamic uint8"), ("quantize-weights-int4{block_size=16}", "int4")])
 def test_weight_only_matmuls_cost_their_kernels_macs(pipeline, kind):
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="m")], "mm",
