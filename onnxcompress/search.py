@@ -15,6 +15,13 @@ run at k = all, then a bisection between the last plan that held and the first t
 objective against measured damage). Backing off from a plan that breaks the budget is the
 bisection step towards fewer knobs.
 
+Uniform plans are verified too: each family at each level on every node it applies to (what a
+preset does). Greedy on the probes, the search can stop before a plan that a uniform setting
+reaches (a knob whose gain shows only when every node takes it, one whose probes each look
+dearer than they are together); the tuner returns a uniform plan when one keeps the budget and
+beats the searched one on the objective, so a tuned plan is never worse than one level of one
+knob everywhere.
+
 The bisection stops at the first step that breaks the budget, but later steps may still fit
 in what is left of it (the additive prediction is only a guide: a step's real damage in the
 whole plan can be far from its probe's). The *fill* then tries the steps after the prefix one
@@ -106,6 +113,19 @@ def predicted(order: list[Step], k: int, extra: tuple[int, ...] = ()) -> tuple[f
     return sum(s.damage for s in last.values()), sum(s.saving for s in last.values())
 
 
+def uniform_plans(results: list[ProbeResult]) -> list[tuple[str, dict[tuple[str, str], Knob], float]]:
+    """(label, plan, predicted damage) of each family at each level on every node whose probe at
+    that level succeeded, in the order of the probes."""
+    plans: dict[str, tuple[dict[tuple[str, str], Knob], list[float]]] = {}
+    for r in results:
+        name = r.knob.label if r.knob.label.startswith(r.knob.family.name) else f"{r.knob.family.name} {r.knob.label}"
+        label = f"{name} everywhere"
+        choice, damages = plans.setdefault(label, ({}, []))
+        choice[(r.knob.node, r.knob.family.slot)] = r.knob
+        damages.append(r.damage)
+    return [(label, choice, sum(damages)) for label, (choice, damages) in plans.items()]
+
+
 @dataclasses.dataclass
 class Point:
     """One verified plan: the first ``k`` steps of the greedy order and the fill's ``extra``
@@ -120,6 +140,7 @@ class Point:
     reason: str  # why it broke the budget ('' when within)
     pipeline: str
     extra: tuple[int, ...] = ()
+    uniform: str = ""  # a uniform plan's label (then k is its number of knobs, not a prefix)
 
     @property
     def steps(self) -> int:
@@ -127,11 +148,13 @@ class Point:
 
     @property
     def label(self) -> str:
+        if self.uniform:
+            return self.uniform
         return f"k={self.k}" + (f" + {','.join(str(i + 1) for i in self.extra)}" if self.extra else "")
 
     def to_dict(self) -> dict:
         return {
-            "label": self.label, "k": self.k, "extra": list(self.extra), "steps": self.steps,
+            "label": self.label, "k": self.k, "extra": list(self.extra), "steps": self.steps, "uniform": self.uniform,
             "predicted_damage": self.predicted_damage,
             "objective": self.objective, "damage": self.damage, "within_budget": self.within_budget,
             "verified": True, "metric": self.measures.get("metric"), "measures": self.measures,

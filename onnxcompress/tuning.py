@@ -14,6 +14,8 @@ the best objective within a budget.
    verification runs of whole plans, bisecting to the largest plan within the budget, then
    with ``fill``, up to that many more runs, each trying one later step on top of the plan
    (more runs judged on the same check feeds: the plan fits them more closely, see the README);
+   then each family at each level on every node (a uniform plan), taken instead when it keeps
+   the budget and beats the searched plan on the objective;
 4. the chosen plan as a pipeline string (and plan file) that ``optimize`` runs to the same
    model, bit for bit, from the same input and the fit feeds.
 
@@ -58,7 +60,7 @@ from onnxcompress.modelio import initializer_bytes, load_model, save_model, writ
 from onnxcompress.plan import write_plan
 from onnxcompress.report import finite
 from onnxcompress.runtime import make_session, run_all
-from onnxcompress.search import Point, bisect_plans, fill_plan, greedy_order, pareto_front, plan_at, predicted
+from onnxcompress.search import Point, bisect_plans, fill_plan, greedy_order, pareto_front, plan_at, predicted, uniform_plans
 from onnxcompress.sensitivity import (
     Objective,
     Prober,
@@ -281,9 +283,12 @@ def tune(
     order = greedy_order(successful(probes))
 
     def verify(k: int, extra: tuple[int, ...] = ()) -> Point:
+        return verify_plan(plan_at(order, k, extra), k, predicted(order, k, extra)[0], extra)
+
+    def verify_plan(choice, k: int, predicted_damage: float, extra: tuple[int, ...] = (), uniform: str = "") -> Point:
         # Under the pass manager with its instruments, exactly as `optimize -p PLAN` runs it, so
         # that the plan reproduces this model bit for bit.
-        pipeline = plan_pipeline(base, families, plan_at(order, k, extra))
+        pipeline = plan_pipeline(base, families, choice)
         run = compress(original, pipeline, calibration=feeds)
         candidate = run.model
         drift = drift_against(reference_outputs, candidate, check_feeds)
@@ -292,7 +297,7 @@ def tune(
         measures = drift.to_dict()
         if value is not None:
             measures["metric"] = value
-        if progress:
+        if progress and not uniform:
             progress("search", k + len(extra), len(order))
         # kept: the normalised model (--best-effort's fallback) and the latest plan within
         # budget, the only one the bisection or the fill can still choose
@@ -300,14 +305,25 @@ def tune(
             kept["normalised"] = run
         if not problems:
             kept["within"] = run
-        return Point(k, predicted(order, k, extra)[0], objective_fn(candidate), damage_of(drift), not problems,
-                     measures, "; ".join(problems), str(pipeline), extra)
+        return Point(k, predicted_damage, objective_fn(candidate), damage_of(drift), not problems,
+                     measures, "; ".join(problems), str(pipeline), extra, uniform)
 
     kept: dict[str, Result] = {}
     points, chosen = bisect_plans(len(order), verify)
     if chosen is not None and fill:
         filled, chosen = fill_plan(order, chosen, verify, fill)
         points += filled
+    if chosen is not None:
+        searched = kept["within"]
+        uniform = uniform_plans(successful(probes))
+        for i, (label, choice, damage) in enumerate(uniform):
+            point = verify_plan(choice, len(choice), damage, uniform=label)
+            points.append(point)
+            if progress:
+                progress("uniform plans", i + 1, len(uniform))
+            if point.within_budget and point.objective < chosen.objective:
+                chosen, searched = point, kept["within"]
+        kept["within"] = searched
     timings["search_s"] = time.perf_counter() - t
     within = chosen is not None
     if chosen is None:

@@ -21,9 +21,10 @@ from onnxcompress.modelio import load_model, model_bytes
 from onnxcompress.partial_run import CachedRunner, signatures
 from onnxcompress.pipeline import Pipeline
 from onnxcompress.runtime import make_session, run_all
-from onnxcompress.search import Point, bisect_plans, fill_plan, greedy_order, pareto_front, plan_at, predicted
+from onnxcompress.search import Point, bisect_plans, fill_plan, greedy_order, pareto_front, plan_at, predicted, uniform_plans
 from onnxcompress.sensitivity import ProbeResult, damage_of, run_pipeline
 from onnxcompress.metrics import Drift
+from onnxcompress import tuning
 from onnxcompress.tuning import TuneBudget, tune
 
 DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
@@ -219,6 +220,18 @@ def test_fill_after_a_plan_of_every_step_has_nothing_to_try():
     assert filled == [] and chosen.k == len(order)
 
 
+def test_uniform_plans_take_one_level_of_one_family_on_every_node_it_was_probed_on():
+    results = [_probe("a", 1.0, 4.0, level=0), _probe("a", 3.0, 6.0, level=1), _probe("b", 2.0, 3.0),
+               _probe("c", 0.5, 1.0, family="int8"), _probe("d", 0.25, 1.0, family="int8"),
+               _probe("e", 0.5, 1.0, family="low-rank-gemm")]
+    plans = uniform_plans(results)
+    assert [(label, sorted(k for k, _ in choice), damage) for label, choice, damage in plans] == [
+        ("prune 0.25 everywhere", ["a", "b"], 3.0), ("prune 0.5 everywhere", ["a"], 3.0),
+        ("int8 everywhere", ["c", "d"], 0.75), ("low-rank-gemm rank 0.5 everywhere", ["e"], 0.5)]
+    assert all(knob.level == (1 if label == "prune 0.5 everywhere" else 0)
+               for label, choice, _ in plans for knob in choice.values())
+
+
 def test_pareto_front():
     points = [_point(0, True, 100.0, 0.0), _point(1, True, 60.0, 1.0), _point(2, True, 70.0, 2.0), _point(3, False, 10.0, 5.0)]
     assert [p.k for p in pareto_front(points)] == [0, 1, 3]
@@ -310,6 +323,32 @@ def test_tune_keeps_the_budget_and_shrinks_the_model(digits_tuned):
     assert result.chosen.extra and record["explored"][record["chosen"]]["steps"] == result.chosen.steps
     assert result.result["steps"] == result.chosen.k + len(result.chosen.extra)
     assert "<svg" in written["html"].read_text() or "data:image/png" in written["html"].read_text()
+
+
+def test_every_uniform_plan_is_verified_and_none_within_budget_beats_the_chosen_one(digits_tuned):
+    result, _ = digits_tuned
+    uniform = [p for p in result.points if p.uniform]
+    assert sorted(p.label for p in uniform) == sorted(label for label, _, _ in uniform_plans(
+        [p for p in result.probes if p.status == "rewritten"]))
+    assert {"int8 everywhere", "prune 0.25 everywhere"} <= {p.label for p in uniform}
+    assert all(p.objective >= result.chosen.objective for p in uniform if p.within_budget)
+    assert any(not p.within_budget for p in uniform)  # rank 0.25 everywhere breaks sqnr>=25
+
+
+def test_a_uniform_plan_within_budget_replaces_a_worse_searched_one(monkeypatch):
+    """A search that keeps nothing (only the normalised model, k=0) loses to int8 on every node,
+    which keeps sqnr>=20 on digits: the tuner returns that plan, and its pipeline rebuilds it."""
+    def search_keeping_nothing(count, verify):
+        normalised = verify(0)
+        return [normalised], normalised
+
+    monkeypatch.setattr(tuning, "bisect_plans", search_keeping_nothing)
+    result = tune(str(DIGITS), _digits_feeds(), "sqnr>=20", "size", knobs="int8")
+    assert result.chosen.uniform == "int8 everywhere" and result.within_budget
+    assert result.result["size"] < result.baseline["size"] / 3
+    assert result.to_dict()["explored"][result.to_dict()["chosen"]]["label"] == "int8 everywhere"
+    again = onnxcompress.compress(str(DIGITS), result.pipeline, calibration=_digits_feeds()[:result.fit_feeds])
+    assert model_bytes(again.model) == model_bytes(result.model)
 
 
 def test_the_plan_file_reproduces_the_tuned_model_bit_for_bit(digits_tuned):
