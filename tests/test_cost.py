@@ -296,6 +296,26 @@ def test_shapes_flow_through_dynamic_quantize_matmul():
     assert c.unknown_shape_nodes == []
 
 
+@pytest.mark.parametrize("bits, codes", [(4, np.zeros((10, 32), np.uint8)), (8, np.zeros((10, 64), np.uint8))])
+def test_shapes_flow_through_gather_block_quantized(bits, codes):
+    """An embedding table quantized for GatherBlockQuantized (4-bit codes packed two per byte,
+    or 8-bit ones), small enough to keep its data: the MatMul after it still has its MACs."""
+    m = build(
+        '<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>'
+        f"""
+        g (int64[N, 7] ids) => (float[N, 7, 16] y) {{
+          e = com.microsoft.GatherBlockQuantized <gather_axis=0, quantize_axis=1, block_size=32, bits={bits}> (t, ids, s)
+          y = MatMul (e, w)
+        }}""",
+        t=codes,
+        s=np.ones((10, 2), np.float32),
+        w=f32(64, 16),
+    )
+    c = compute_cost(m, batch=2)
+    assert [n.macs for n in c.nodes] == [0, 2 * 7 * 64 * 16]
+    assert c.unknown_shape_nodes == []
+
+
 def test_onnxruntime_contrib_attention_and_fused_matmul():
     m = build(
         '<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>'

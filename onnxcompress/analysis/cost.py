@@ -419,19 +419,50 @@ def _weight_free_proto(model: ir.Model) -> tuple[onnx.ModelProto, list[ir.Node]]
 def _stand_in_standard_ops(g: onnx.GraphProto) -> None:
     """Give ONNX shape inference, which knows no contrib op, a standard op with the same output
     shape where there is one: DynamicQuantizeMatMul(A, B, ...) becomes MatMul(A, B), its
-    (u)int8 weight B, a typed graph input, retyped float as A is. Node for node, so the
-    inferred graph stays in step with the IR's."""
+    (u)int8 weight B, a typed graph input, retyped float as A is; GatherBlockQuantized(data,
+    indices, ...) becomes Gather(data, indices) on its gather axis, the data retyped float and,
+    with 4-bit codes packed two per uint8, its quantized (last) axis twice as long. Node for
+    node, so the inferred graph stays in step with the IR's."""
     weights = {vi.name: vi for vi in g.input}
     for node in g.node:
-        if node.domain != "com.microsoft" or node.op_type != "DynamicQuantizeMatMul" or len(node.input) < 2:
+        if node.domain != "com.microsoft" or node.op_type not in _STAND_INS or len(node.input) < 2:
             continue
-        weight = weights.get(node.input[1])
+        weight = weights.get(node.input[_STAND_INS[node.op_type]]) or _as_typed_input(g, node.input[_STAND_INS[node.op_type]], weights)
         if weight is None or not weight.type.HasField("tensor_type"):
             continue  # a computed or inline weight: inference leaves the output unknown
+        if node.op_type == "GatherBlockQuantized":
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            dims = weight.type.tensor_type.shape.dim
+            if attributes.get("bits", 4) == 4 and weight.type.tensor_type.elem_type == onnx.TensorProto.UINT8 \
+                    and attributes.get("quantize_axis", len(dims) - 1) in (-1, len(dims) - 1) and dims[-1].HasField("dim_value"):
+                dims[-1].dim_value *= 2
+            axis = attributes.get("gather_axis", 0)
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("axis", axis))
+            node.op_type = "Gather"
+        else:
+            del node.attribute[:]
+            node.op_type = "MatMul"
         weight.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
         del node.input[2:]
-        del node.attribute[:]
-        node.op_type, node.domain = "MatMul", ""
+        node.domain = ""
+
+
+_STAND_INS = {"DynamicQuantizeMatMul": 1, "GatherBlockQuantized": 0}  # op -> index of its constant input
+
+
+def _as_typed_input(g: onnx.GraphProto, name: str, weights: dict) -> onnx.ValueInfoProto | None:
+    """A small initializer (kept with its data) turned into a typed graph input, so that a
+    stand-in can retype it; None if ``name`` is no initializer."""
+    found = next((i for i, t in enumerate(g.initializer) if t.name == name), None)
+    if found is None:
+        return None
+    tensor = g.initializer[found]
+    del g.initializer[found]
+    vi = onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims))
+    g.input.append(vi)
+    weights[name] = g.input[-1]
+    return g.input[-1]
 
 
 def _type_map(g: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
