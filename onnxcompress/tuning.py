@@ -315,7 +315,10 @@ def tune(
         points += filled
     if chosen is not None:
         searched = kept["within"]
-        uniform = uniform_plans(successful(probes))
+        # The additive prediction only guides: a uniform plan is run unless it is predicted to do
+        # more damage than a searched plan that broke the budget.
+        broke = min((p.predicted_damage for p in points if not p.within_budget), default=math.inf)
+        uniform = [plan for plan in uniform_plans(successful(probes)) if plan[2] <= broke]
         for i, (label, choice, damage) in enumerate(uniform):
             point = verify_plan(choice, len(choice), damage, uniform=label)
             points.append(point)
