@@ -19,8 +19,9 @@ Uniform plans are verified too: each family at each level on every node it appli
 preset does). Greedy on the probes, the search can stop before a plan that a uniform setting
 reaches (a knob whose gain shows only when every node takes it, one whose probes each look
 dearer than they are together); the tuner returns a uniform plan when one keeps the budget and
-beats the searched one on the objective, so a tuned plan is never worse than one level of one
-knob everywhere.
+beats the searched one on the objective, so a tuned plan is never worse than the uniform plans
+it ran. It runs those whose predicted damage is no more than that of a searched plan that broke
+the budget.
 
 The bisection stops at the first step that breaks the budget, but later steps may still fit
 in what is left of it (the additive prediction is only a guide: a step's real damage in the
