@@ -11,6 +11,7 @@ other float ops disappears from the graph.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import tempfile
@@ -58,6 +59,13 @@ def float_reason(kernels: dict[str, tuple[str, str]], name: str) -> str:
     return f"onnxruntime has no int8 kernel for it here and would run it as float {found[1]} between Q and DQ"
 
 
+def exact_u8s8_grid() -> str:
+    """The weight grid onnxruntime's fast u8s8 kernels run exactly on this CPU: ``int7`` where
+    they saturate (:func:`saturating_u8s8`), ``int8`` elsewhere (what ``auto`` stands for)."""
+    return "int7" if saturating_u8s8() else "int8"
+
+
+@functools.cache
 def saturating_u8s8() -> bool:
     """Whether this CPU is an x86 one without VNNI: onnxruntime's u8s8 kernels (uint8
     activations × int8 weights) then add products in pairs with int16 saturation, which

@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.initializers import Names, new_initializer, take_over
-from onnxcompress.executed import saturating_u8s8
+from onnxcompress.executed import exact_u8s8_grid
 from onnxcompress.quantization import (
     INT8_NARROW,
     INT32,
@@ -81,7 +81,7 @@ def weight_grid(choice: str):
     """node → (weight type, zero point) for quantize-qdq's ``weights`` option (see there)."""
     if choice != "auto":
         return lambda node: WEIGHT_TYPES[choice]
-    wide = WEIGHT_TYPES["int7" if saturating_u8s8() else "int8"]
+    wide = WEIGHT_TYPES[exact_u8s8_grid()]
     return lambda node: WEIGHT_TYPES["int8"] if _depthwise(node) else wide
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.conv_split import prepared
-from onnxcompress.executed import saturating_u8s8
+from onnxcompress.executed import exact_u8s8_grid
 from onnxcompress.initializers import Names, drop_if_unused, new_initializer, take_over
 from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
@@ -413,7 +413,7 @@ def stored_codes(storage: str) -> str:
     """The storage ``auto`` stands for on this CPU (see the pass's docstring); others as given."""
     if storage != "auto":
         return storage
-    return "int7" if saturating_u8s8() else "int8"
+    return exact_u8s8_grid()
 
 
 def _sizes(site: WeightSite, options: QuantizeDynamicOptions) -> tuple[int, int]:

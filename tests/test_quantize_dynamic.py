@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+from onnxcompress import executed
 from onnxcompress.passes import quantize_dynamic
 from onnxcompress.passes.quantize_dynamic import QuantizeDynamic, QuantizeDynamicOptions, stored_codes
 
@@ -163,9 +164,9 @@ def test_int7_storage_is_exact_where_int16_pairs_of_int8_products_would_overflow
     np.testing.assert_allclose(run(model, {"x": x})[0], reference(x, q, scale), rtol=1e-6)
 
 
-@pytest.mark.parametrize("saturating, grid, top", [(True, "int7", 63), (False, "int8", 127)])
-def test_auto_storage_is_int7_only_where_int8_codes_would_saturate(monkeypatch, saturating, grid, top):
-    monkeypatch.setattr(quantize_dynamic, "saturating_u8s8", lambda: saturating)
+@pytest.mark.parametrize("grid, top", [("int7", 63), ("int8", 127)])
+def test_auto_storage_stores_the_grid_the_fast_kernel_runs_exactly(monkeypatch, grid, top):
+    monkeypatch.setattr(quantize_dynamic, "exact_u8s8_grid", lambda: grid)
     w, _, _ = on_int8_grid(K, N)
     model = matmul_model(w)
     p = QuantizeDynamic(QuantizeDynamicOptions())
@@ -565,3 +566,9 @@ def test_int4_table_refusals_and_options():
         QuantizeDynamic.Options(table_bits=2)
     with pytest.raises(OptionError, match="table_block' must be a power of two"):
         QuantizeDynamic.Options(table_block=24)
+
+
+@pytest.mark.parametrize("saturating, grid", [(True, "int7"), (False, "int8")])
+def test_the_exact_u8s8_grid_is_int7_only_where_int8_codes_saturate(monkeypatch, saturating, grid):
+    monkeypatch.setattr(executed, "saturating_u8s8", lambda: saturating)
+    assert executed.exact_u8s8_grid() == grid

@@ -427,7 +427,8 @@ def _stand_in_standard_ops(g: onnx.GraphProto) -> None:
     for node in g.node:
         if node.domain != "com.microsoft" or node.op_type not in _STAND_INS or len(node.input) < 2:
             continue
-        weight = weights.get(node.input[_STAND_INS[node.op_type]]) or _as_typed_input(g, node.input[_STAND_INS[node.op_type]], weights)
+        name = node.input[_STAND_INS[node.op_type]]
+        weight = weights[name] if name in weights else _as_typed_input(g, name, weights)
         if weight is None or not weight.type.HasField("tensor_type"):
             continue  # a computed or inline weight: inference leaves the output unknown
         if node.op_type == "GatherBlockQuantized":
