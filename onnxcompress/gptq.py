@@ -1,22 +1,25 @@
 """GPTQ (Frantar et al. 2023, "GPTQ: Accurate Post-Training Quantization for Generative
-Pre-trained Transformers") on the block grid of :func:`onnxcompress.quantization.quantize_blocks`.
+Pre-trained Transformers"): weights rounded so that the layer's output on the calibration
+inputs moves as little as possible, on the block grid MatMulNBits reads
+(:func:`quantize_blocks_gptq`) and on quantize-qdq's per-channel int8 grid
+(:func:`round_gptq`).
 
 Round-to-nearest quantizes every weight on its own. GPTQ quantizes the K rows of a K×N
 weight one after another and, after each row, moves the rows not yet quantized so that the
 layer's output on the calibration inputs X changes as little as possible: with H = XᵀX + λI
 and U the upper Cholesky factor of H⁻¹, row i's error e = (w_i − q_i) / U_ii is taken off
-the later rows as U_i,j · e (the optimal brain surgeon update). Each block's scale and zero
-point are set from the rows as they are when the block's first row comes up, so the codes
-stay on the same grid MatMulNBits reads. Updates to rows past the current chunk are applied
-at once per chunk (the paper's lazy batch updates), so the Python loop runs over rows, not
-over row × later row.
+the later rows as U_i,j · e (the optimal brain surgeon update). Updates to rows past the
+current chunk are applied at once per chunk (the paper's lazy batch updates), so the Python
+loop runs over rows, not over row × later row. A grouped convolution is G independent
+layers: every step runs on all G at once.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
+import scipy.linalg
 
 from onnxcompress.quantization import Blocks, QType, block_grid, round_half_even
 
@@ -33,44 +36,142 @@ def input_gram(inputs: Iterable[np.ndarray], k: int) -> np.ndarray:
     return gram
 
 
+def conv_gram(x: np.ndarray, weight_shape: tuple[int, ...], group: int, strides, pads, dilations) -> np.ndarray:
+    """Σ pᵀp over the patches p a 2-D Conv reads from ``x`` (N×C×H×W), one K×K matrix per
+    group (G×K×K, K = C/G·kh·kw, ordered as the weight's C/G×kh×kw): the Gram matrix of the
+    layer as a MatMul of its patches. ``pads`` as the Conv attribute (top, left, bottom, right)."""
+    _, c_per_group, kh, kw = weight_shape
+    x = np.pad(np.asarray(x, dtype=np.float32), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    batch, _, height, width = x.shape
+    out_h = (height - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+    out_w = (width - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    cols = np.empty((batch, x.shape[1], kh, kw, out_h, out_w), dtype=np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dilations[0], j * dilations[1]
+            cols[:, :, i, j] = x[:, :, top:top + strides[0] * (out_h - 1) + 1:strides[0],
+                                 left:left + strides[1] * (out_w - 1) + 1:strides[1]]
+    k = c_per_group * kh * kw
+    patches = cols.reshape(batch, group, k, out_h * out_w).transpose(1, 2, 0, 3).reshape(group, k, -1)
+    return np.matmul(patches, patches.transpose(0, 2, 1)).astype(np.float64)
+
+
+def _inverse_factor(gram: np.ndarray, damp: float) -> np.ndarray:
+    """U, the upper Cholesky factor of (H + λI)⁻¹ for G×K×K Gram matrices H, with λ =
+    ``damp`` × the mean of the diagonals of all G. An input that is always zero on the
+    calibration data (zero row and column) gets diagonal entry 1: no error moves onto or off
+    its weights, which are rounded to nearest (the data says nothing about them, and zeroing
+    them would break the layer on inputs where they are not zero). One λ for the
+    whole layer: a group whose inputs are nearly always zero (a channel ReLU rarely lets
+    through) is damped towards round-to-nearest instead of fitted to a few values.
+
+    With J the reversal of the K axes and J·H·J = L·Lᵀ, U = J·L⁻¹·J: one Cholesky
+    factorisation and one triangular inverse, no general inverse."""
+    hessian = np.array(gram, dtype=np.float64)
+    diagonal = np.einsum("gkk->gk", hessian)  # a view: writes go into hessian
+    diagonal[diagonal == 0] = 1.0
+    diagonal += damp * diagonal.mean()
+    upper = np.empty_like(hessian)
+    for g, h in enumerate(hessian):
+        lower = scipy.linalg.cholesky(h[::-1, ::-1], lower=True)
+        inverse, info = scipy.linalg.lapack.dtrtri(lower, lower=1)
+        if info:
+            raise np.linalg.LinAlgError(f"the damped Gram matrix is singular (dtrtri info {info})")
+        upper[g] = inverse[::-1, ::-1]
+    return upper
+
+
+def _optimal_brain_rounding(weights: np.ndarray, upper: np.ndarray, round_rows: Callable[[int, np.ndarray], np.ndarray],
+                            chunk: int) -> None:
+    """Round ``weights`` (G×K×N, float64, changed in place) row by row: ``round_rows(row,
+    pending)`` gets the rows from ``row`` to the end of its chunk as they stand and returns
+    row ``row`` on the grid (G×N); its error moves onto the later rows."""
+    _, k, n = weights.shape
+    for start in range(0, k, chunk):
+        end = min(start + chunk, k)
+        part = weights[:, start:end].copy()
+        errors = np.zeros((weights.shape[0], end - start, n))
+        for i in range(end - start):
+            row = start + i
+            rounded = round_rows(row, part[:, i:])
+            errors[:, i] = (part[:, i] - rounded) / upper[:, row, row][:, None]
+            part[:, i + 1:] -= upper[:, row, row + 1:end][:, :, None] * errors[:, i][:, None, :]
+            part[:, i] = rounded
+        weights[:, start:end] = part
+        weights[:, end:] -= np.matmul(upper[:, start:end, end:].transpose(0, 2, 1), errors)
+
+
+def round_gptq(w: np.ndarray, gram: np.ndarray, scale: np.ndarray, zero_point: int, qtype: QType,
+               damp: float = 0.01) -> np.ndarray:
+    """Codes (G×K×N, ``qtype``) of ``w`` (G×K×N: G groups of a K×N weight) on the fixed grid
+    (q − zero_point) · scale, ``scale`` G×N (one per output column) or G×1, chosen by GPTQ
+    against the Gram matrices ``gram`` (G×K×K, :func:`input_gram`, :func:`conv_gram`).
+    Inputs that are always zero are rounded to nearest.
+
+    Exact limit: with a diagonal ``gram`` no error moves between rows and the codes are those
+    of round-to-nearest; weights already on the grid keep their codes whatever the gram."""
+    upper = _inverse_factor(gram, damp)
+    weights = np.array(w, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64)
+    codes = np.zeros(weights.shape, dtype=qtype.numpy)
+
+    def nearest(row: int, pending: np.ndarray) -> np.ndarray:
+        q = np.clip(round_half_even(pending[:, 0] / scale) + zero_point, qtype.qmin, qtype.qmax)
+        codes[:, row] = q
+        return (q - zero_point) * scale
+
+    _optimal_brain_rounding(weights, upper, nearest, CHUNK_ROWS)
+    return codes
+
+
 def quantize_blocks_gptq(w: np.ndarray, gram: np.ndarray, block_size: int, qtype: QType, symmetric: bool,
                          damp: float = 0.01) -> Blocks:
     """``w`` (K×N) quantized in blocks of ``block_size`` along K by GPTQ against the input
     Gram matrix ``gram`` (K×K, :func:`input_gram`); ``damp`` × the mean of its diagonal is
-    added to it. Inputs that are always zero (zero diagonal) get zero weights.
+    added to it. Inputs that are always zero (zero diagonal) are rounded to nearest. Each block's
+    scale and zero point are set from the rows as they are when the block's first row comes
+    up, so the codes stay on the same grid MatMulNBits reads.
 
     Exact limit: with a diagonal ``gram`` no error moves between rows, and the codes, scales
     and zero points are those of round-to-nearest (:func:`quantize_blocks`)."""
     k, n = w.shape
     n_blocks = -(-k // block_size)
     rows = n_blocks * block_size
-    weights = np.zeros((rows, n))
-    weights[:k] = w
-    hessian = np.eye(rows)
-    hessian[:k, :k] = gram
-    dead = np.diag(hessian) == 0
-    hessian[dead, dead] = 1.0
-    weights[dead] = 0.0
-    hessian[np.diag_indices(rows)] += damp * float(np.mean(np.diag(hessian)))
-    upper = np.linalg.cholesky(np.linalg.inv(hessian)).T  # H⁻¹ = UᵀU
+    weights = np.zeros((1, rows, n))
+    weights[0, :k] = w
+    hessian = np.eye(rows)[None].copy()
+    hessian[0, :k, :k] = gram
+    upper = _inverse_factor(hessian, damp)
     codes = np.zeros((rows, n))
     scales = np.zeros((n_blocks, n), dtype=np.float32)
     zero_points = np.zeros((n_blocks, n), dtype=qtype.numpy)
-    chunk = block_size * max(1, CHUNK_ROWS // block_size)
-    for start in range(0, rows, chunk):
-        end = min(start + chunk, rows)
-        part, errors = weights[start:end].copy(), np.zeros((end - start, n))
-        for i in range(end - start):
-            row = start + i
-            if row % block_size == 0:
-                block = row // block_size
-                scales[block], zero_points[block], lo = block_grid(part[i:i + block_size].T, qtype, symmetric)
-                scale = scales[block].astype(np.float64)
-                zero = zero_points[block].astype(np.float64)
-            q = np.clip(round_half_even(part[i] / scale) + zero, lo, qtype.qmax)
-            codes[row] = q
-            errors[i] = (part[i] - (q - zero) * scale) / upper[row, row]
-            part[i + 1:] -= np.outer(upper[row, row + 1:end], errors[i])
-        weights[end:] -= upper[start:end, end:].T @ errors
+    grid = {}
+
+    def on_block_grid(row: int, pending: np.ndarray) -> np.ndarray:
+        if row % block_size == 0:
+            block = row // block_size
+            scales[block], zero_points[block], grid["lo"] = block_grid(pending[0, :block_size].T, qtype, symmetric)
+            grid["scale"], grid["zero"] = scales[block].astype(np.float64), zero_points[block].astype(np.float64)
+        q = np.clip(round_half_even(pending[0, 0] / grid["scale"]) + grid["zero"], grid["lo"], qtype.qmax)
+        codes[row] = q
+        return ((q - grid["zero"]) * grid["scale"])[None]
+
+    _optimal_brain_rounding(weights, upper, on_block_grid, block_size * max(1, CHUNK_ROWS // block_size))
     q = codes.T.reshape(n, n_blocks, block_size).astype(qtype.numpy)
     return Blocks(q, np.ascontiguousarray(scales.T), np.ascontiguousarray(zero_points.T), k)
+
+
+def round_weight_gptq(w: np.ndarray, gram: np.ndarray, scale, axis: int | None, zero_point: int, qtype: QType,
+                      group: int = 1, damp: float = 0.01) -> np.ndarray:
+    """Codes of a unit's weight on quantize-qdq's grid, by :func:`round_gptq`: a MatMul's
+    K×N weight (``axis`` 1: one scale per column, or None) with a K×K ``gram``, or a 2-D
+    Conv's N×C/G×kh×kw weight (``axis`` 0: one scale per filter, or None) with the G×K×K
+    ``gram`` of :func:`conv_gram`. Same shape and layout as ``w``."""
+    if w.ndim == 2:
+        columns = np.broadcast_to(np.asarray(scale, dtype=np.float64), (w.shape[1],))
+        return round_gptq(w[None], gram[None], columns[None], zero_point, qtype, damp)[0]
+    filters = w.shape[0]
+    per_group = w.reshape(group, filters // group, -1).transpose(0, 2, 1)  # G × K × N/G
+    scales = np.broadcast_to(np.asarray(scale, dtype=np.float64), (filters,)).reshape(group, filters // group)
+    codes = round_gptq(per_group, gram, scales, zero_point, qtype, damp)
+    return codes.transpose(0, 2, 1).reshape(w.shape)

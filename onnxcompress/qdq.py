@@ -200,14 +200,18 @@ class Builder:
     """Rewrites one model for a set of enabled units (node indices in graph order).
 
     ``per_channel(node)`` and ``weights(node)`` give each unit's weight grid: one scale per
-    output channel or per tensor, and the weight type with its zero point.
+    output channel or per tensor, and the weight type with its zero point. ``rounding(node,
+    w, scale, axis, qtype, zero_point)`` gives a weight's codes on that grid, or None for
+    round-to-nearest.
     """
 
     def __init__(self, model: ir.Model, params: dict[str, Params], activations: QType,
                  per_channel: Callable[[ir.Node], bool] = lambda node: True,
-                 weights: Callable[[ir.Node], tuple[QType, int]] = lambda node: (INT8_NARROW, 0)):
+                 weights: Callable[[ir.Node], tuple[QType, int]] = lambda node: (INT8_NARROW, 0),
+                 rounding: Callable[..., np.ndarray | None] = lambda *grid: None):
         self.model = model
         self.weight_grid = weights
+        self.rounding = rounding
         self.graph = model.graph
         self.params = params
         self.activations = activations
@@ -327,7 +331,10 @@ class Builder:
         raised = 0
         if is_float_constant(bias):
             scale, raised = _fit_bias(bias.const_value.numpy(), float(input_params.scale), scale)
-        q = quantize(w, scale, wzero, wtype, axis)
+        q = self.rounding(node, w, scale, axis, wtype, wzero)
+        rounded = q is not None
+        if not rounded:
+            q = quantize(w, scale, wzero, wtype, axis)
         base = weight.name or f"{node.name}_weight"
         q_value = new_initializer(self.model, self.names.unique(f"{base}_quantized"), q)
         s_value = new_initializer(self.model, self.names.unique(f"{base}_scale"), scale if axis is not None else np.float32(scale))
@@ -335,6 +342,8 @@ class Builder:
                                   np.full(scale.shape if axis is not None else (), wzero, dtype=wtype.numpy))
         node.replace_input_with(1, self._dequantize(q_value, s_value, z_value, axis, f"{base}_DequantizeLinear"))
         detail = f"weight {_weight_name(wtype)} {'per channel' if axis is not None else 'per tensor'}"
+        if rounded:
+            detail += " (GPTQ)"
         if is_float_constant(bias):
             qb, bias_scale = quantize_bias(bias.const_value.numpy(), float(input_params.scale), scale)
             bq = new_initializer(self.model, self.names.unique(f"{bias.name}_quantized"), qb)

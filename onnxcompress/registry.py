@@ -15,9 +15,9 @@ PRESETS: dict[str, tuple[str, str]] = {
     "fast": ("lift-constants,cleanup", "only lift Constant-node weights and remove dead nodes"),
     "int8": (
         "lift-constants,fold-constants,fold-batchnorm,cleanup,infer-shapes,equalize-cross-layer{relu6=calibrated},"
-        "correct-bias,quantize-qdq{calibration=mse}",
-        "static int8 for onnxruntime: normalise, equalize channel ranges, correct the weights' bias, "
-        "QDQ with mse-calibrated activations (needs --calib)",
+        "quantize-qdq{calibration=mse,rounding=gptq}",
+        "static int8 for onnxruntime: normalise, equalize channel ranges, QDQ with mse-calibrated activations "
+        "and GPTQ-rounded weights (needs --calib)",
     ),
     "int8-dynamic": (
         "lift-constants,fold-constants,cleanup,quantize-dynamic",

@@ -22,6 +22,7 @@ from onnxcompress.options import PassOptions, option
 from onnxcompress.pass_base import Candidate, CompressionPass, node_label
 from onnxcompress.qdq import (
     UNIT_OPS,
+    WEIGHTED_OPS,
     Builder,
     Params,
     activation_inputs,
@@ -30,6 +31,7 @@ from onnxcompress.qdq import (
     is_float_constant,
     weight_grid,
 )
+from onnxcompress.qdq_rounding import GptqRounding, gptq_reason
 from onnxcompress.quantization import ACTIVATION_TYPES, quantized_reason
 from onnxcompress.registry import register
 from onnxcompress.runtime import make_session, run_all
@@ -50,6 +52,10 @@ class QuantizeQdqOptions(PassOptions):
         "VNNI, which saturate sums of int8 products; uint8 centred on 128 (u8u8 kernels: exact, slower); "
         "auto: int7 on such a CPU (int8 for depthwise convs, whose kernel does not saturate), int8 elsewhere")
     per_channel: bool = option(True, "int8 weights with one scale per output channel (false: one per tensor)")
+    rounding: Literal["nearest", "gptq"] = option(
+        "nearest", "how weights meet their grid: each to its nearest code, or by GPTQ (each Conv/MatMul weight's "
+        "rounding errors compensated row by row so its output on the calibration data moves least)")
+    damp: float = option(0.01, "rounding=gptq: share of the mean diagonal of XᵀX added to it, in (0, 1]")
     tables: bool = option(True, "store constant Gather tables (embeddings) on the activation grid")
     exclude: str = option("", "regular expression: nodes whose name matches stay float")
     exclude_ops: str = option("", "op types that stay float, separated by | (e.g. 'Add|Softmax')")
@@ -62,6 +68,8 @@ class QuantizeQdqOptions(PassOptions):
             self.fail("percentile", f"must lie in (50, 100], got {self.percentile:g}")
         if self.bins < 64 or self.bins % 4:
             self.fail("bins", f"must be a multiple of 4, at least 64, got {self.bins}")
+        if not 0.0 < self.damp <= 1.0:
+            self.fail("damp", f"must lie in (0, 1], got {self.damp:g}")
         if self.fallback_samples < 1:
             self.fail("fallback_samples", f"must be at least 1, got {self.fallback_samples}")
         self.check_pattern("exclude")
@@ -105,6 +113,12 @@ class QuantizeQdq(CompressionPass):
     keeps the worst in float, the fewest that make the whole model meet the budget (binary
     search over how many, assuming that keeping more in float never hurts).
 
+    ``rounding=gptq`` rounds each Conv and constant-weight MatMul weight onto the same grid by
+    GPTQ (:mod:`onnxcompress.gptq`: row by row, each row's rounding error moved onto the rows
+    not yet rounded, so the unit's output on the calibration inputs moves least), from the
+    Gram matrix of the unit's float inputs (a Conv's patches), one streamed run of the feeds.
+    ConvTranspose and Conv other than 2-D keep nearest rounding, with a note.
+
     Left alone, with a note: a model that is already quantized (QuantizeLinear, QLinearConv,
     DynamicQuantizeLinear, ConvInteger, MatMulNBits…). Refused per node, with the reason:
     names matching ``exclude``, op types in ``exclude_ops``, a weight or bias that is not a
@@ -115,7 +129,8 @@ class QuantizeQdq(CompressionPass):
 
     Exact limit: float values already on the chosen grids (weights on their int8 per-channel
     grid, activations on their uint8 grid, biases on the int32 grid) come out unchanged, up
-    to float rounding in onnxruntime's integer kernels.
+    to float rounding in onnxruntime's integer kernels; with either rounding (GPTQ keeps the
+    codes of a weight already on its grid).
 
     Per node (``@PATTERN{...}``): ``per_channel`` and ``weights`` (the weight grid of that
     unit), or ``skip=true`` to keep the node in float exactly as ``exclude`` does (refused,
@@ -152,6 +167,7 @@ class QuantizeQdq(CompressionPass):
         items = self._calibrated(candidates, params)
         if not items:
             return ir.passes.PassResult(model, modified=modified)
+        self._rounding = self._gptq(model, items, feeds) if self.options.rounding == "gptq" else None
         index = {node: i for i, node in enumerate(model.graph)}
         enabled, kernels = self._keep_what_runs_int8(model, items, params, index)
         budget = self.options.budget()
@@ -159,7 +175,7 @@ class QuantizeQdq(CompressionPass):
         if budget is not None and enabled:
             enabled, fallback, kernels = self._fall_back(model, enabled, params, index, budget, feeds)
         tables = {n for n in enabled if _is_table(n)}
-        done = _build(model, enabled, params, self.options, index, in_place=True, own=self._own)
+        done = _build(model, enabled, params, self.options, index, in_place=True, own=self._own, rounding=self._rounding)
         self._report(enabled, tables, fallback, kernels, done)
         return ir.passes.PassResult(model, modified=modified or bool(enabled))
 
@@ -258,13 +274,22 @@ class QuantizeQdq(CompressionPass):
                   f"{self.options.bins} bins each)")
         return params
 
+    def _gptq(self, model: ir.Model, items: list[ir.Node], feeds: list[dict]) -> GptqRounding:
+        weighted = [n for n in items if n.op_type in WEIGHTED_OPS and is_float_constant(n.inputs[1])]
+        for node in weighted:
+            if reason := gptq_reason(node):
+                self.note(f"{node_label(node)}: weight rounded to nearest, not by GPTQ: {reason}")
+        rounding = GptqRounding(model, weighted, feeds, self.options.damp)
+        self.note(f"GPTQ rounding of {len(rounding.grams)} weights against their inputs on {rounding.feeds} feeds")
+        return rounding
+
     # ------------------------------------------------------------------ what onnxruntime runs
 
     def _keep_what_runs_int8(self, model, items, params, index, rounds: int = 3):
         enabled = list(items)
         kernels: dict[str, tuple[str, str]] = {}
         for _ in range(rounds):
-            candidate = _build(model, enabled, params, self.options, index, own=self._own)
+            candidate = _build(model, enabled, params, self.options, index, own=self._own, rounding=self._rounding)
             kernels = executed_kernels(candidate.model)
             floats = [n for n in enabled if not _is_table(n) and int8_kernel(kernels, candidate.names[n]) is None]
             if not floats:
@@ -281,7 +306,7 @@ class QuantizeQdq(CompressionPass):
         reference = run_all(make_session(model), probe_feeds)
 
         def drift(nodes) -> tuple:
-            built = _build(model, nodes, params, self.options, index, own=self._own)
+            built = _build(model, nodes, params, self.options, index, own=self._own, rounding=self._rounding)
             return worst(output_drift(reference, run_all(make_session(built.model), probe_feeds))), built
 
         alone = {node: drift([node])[0] for node in enabled}
@@ -434,16 +459,23 @@ class _Built:
 
 
 def _build(model: ir.Model, enabled: list[ir.Node], params, options: QuantizeQdqOptions, index,
-           in_place: bool = False, own: dict[ir.Node, QuantizeQdqOptions] | None = None):
+           in_place: bool = False, own: dict[ir.Node, QuantizeQdqOptions] | None = None,
+           rounding: GptqRounding | None = None):
     """The model with ``enabled`` quantized: rewritten in place, or a clone (``in_place=False``).
-    ``own`` holds the options of the units a per-node override chose; the others take ``options``."""
+    ``own`` holds the options of the units a per-node override chose; the others take ``options``.
+    ``rounding`` (keyed by the nodes of ``model``) rounds the weights it has Gram matrices for."""
     target = model if in_place else model.clone()
     nodes = list(target.graph) if not in_place else None
     mapped = {node: (node if in_place else nodes[index[node]]) for node in enabled}
     chosen = {mapped[node]: (own or {}).get(node, options) for node in enabled}
     grids = {choice: weight_grid(choice) for choice in {o.weights for o in chosen.values()}}
+    original = {target_node: node for node, target_node in mapped.items()}
+
+    def codes(node, *grid):
+        return rounding.codes(original[node], *grid) if rounding is not None else None
+
     builder = Builder(target, params, ACTIVATION_TYPES[options.activations],
-                      lambda node: chosen[node].per_channel, lambda node: grids[chosen[node].weights](node))
+                      lambda node: chosen[node].per_channel, lambda node: grids[chosen[node].weights](node), codes)
     units = [mapped[n] for n in enabled if not _is_table(n)]
     tables = [mapped[n] for n in enabled if _is_table(n)]
     done = builder.apply(units, tables)

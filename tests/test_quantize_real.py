@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
@@ -79,3 +80,33 @@ def test_a_model_quantized_by_onnxruntime_is_detected(tmp_path):
     record = next(p for p in result.report.passes if p.name == "quantize-qdq")
     assert record.status == "unchanged"
     assert any("already quantized" in n and "DynamicQuantizeLinear" in n for n in record.notes)
+
+
+def test_gptq_rounding_of_mobilenet_moves_each_layers_output_less():
+    """Each of mobilenet_v2's 52 convs, int8 per channel: the output error
+    ‖X·(W − Q)‖² on feeds the Gram matrices never saw, GPTQ against nearest rounding."""
+    from onnxcompress.api import load_model
+    from onnxcompress.qdq import weight_axis
+    from onnxcompress.qdq_rounding import GptqRounding
+    from onnxcompress.quantization import INT8_NARROW, quantize, symmetric_scales
+
+    feeds = models.calibration_feeds("mobilenet_v2", 32, seed=0)
+    normalised = onnxcompress.compress(models.fetch("mobilenet_v2"), "default", verify=False).model
+    model = load_model(normalised)
+    units = [n for n in model.graph if n.op_type == "Conv"]
+    fitted, held_out = GptqRounding(model, units, feeds[:16], 0.01), GptqRounding(model, units, feeds[16:], 0.01)
+    ratios = []
+    for node in units:
+        w = node.inputs[1].const_value.numpy()
+        axis = weight_axis(node, w, True)
+        scale = symmetric_scales(w, axis, INT8_NARROW)
+        errors = []
+        for codes in (fitted.codes(node, w, scale, axis, INT8_NARROW, 0), quantize(w, scale, 0, INT8_NARROW, axis)):
+            group = node.attributes.get_int("group", 1)
+            delta = (w - codes * scale.reshape(-1, 1, 1, 1)).reshape(group, w.shape[0] // group, -1)
+            errors.append(np.einsum("gnk,gkl,gnl->", delta, held_out.grams[node], delta))
+        ratios.append(errors[0] / errors[1])
+    assert len(ratios) == 52
+    # measured: median 0.28, best 0.03; the worst, 1.06, is the last 1×1 conv: 320 inputs
+    # fitted on 16 feeds × 49 positions, too few rows to pin a 320×320 Gram matrix
+    assert np.median(ratios) < 0.4 and max(ratios) < 1.1, sorted(ratios)

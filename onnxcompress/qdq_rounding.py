@@ -1,0 +1,83 @@
+"""GPTQ rounding of quantize-qdq's weights: the Gram matrices of each unit's inputs on the
+calibration feeds, and the codes :func:`onnxcompress.gptq.round_weight_gptq` picks from them."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcompress.activations import stream
+from onnxcompress.gptq import conv_gram, input_gram, round_weight_gptq
+from onnxcompress.quantization import QType
+
+
+def gptq_reason(node: ir.Node) -> str:
+    """Why GPTQ cannot round this unit's weight ("" when it can)."""
+    weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if node.op_type == "MatMul":
+        return "" if weight is not None and len(weight.shape) == 2 else "its weight is not a constant 2-D matrix"
+    if node.op_type == "Conv":
+        return "" if weight is not None and len(weight.shape) == 4 else "not a 2-D convolution"
+    return f"{node.op_type} is not handled"
+
+
+class GptqRounding:
+    """Codes for the weights of ``nodes`` (constant-weight MatMuls and 2-D Convs), rounded by
+    GPTQ against their inputs on ``feeds``, read in one streamed run of the float model
+    (memory: one K×K matrix per unit, not the activations). Codes are computed once per node
+    and grid, however many candidate models the pass builds."""
+
+    def __init__(self, model: ir.Model, nodes: Iterable[ir.Node], feeds: list[dict], damp: float):
+        self.damp = damp
+        self.grams: dict[ir.Node, np.ndarray] = {}
+        self.feeds = len(feeds)
+        self._codes: dict[tuple, np.ndarray] = {}
+        nodes = [n for n in nodes if not gptq_reason(n)]
+        if not nodes:
+            return
+        for values in stream(model, [n.inputs[0].name for n in nodes], feeds):
+            for node in nodes:
+                gram = _unit_gram(node, values[node.inputs[0].name])
+                self.grams[node] = gram if node not in self.grams else self.grams[node] + gram
+
+    def codes(self, node: ir.Node, w: np.ndarray, scale, axis: int | None, qtype: QType, zero_point: int):
+        """The codes of ``node``'s weight ``w`` on the grid (scale, zero point, qtype), or None
+        when ``node`` has no Gram matrix (round it to nearest)."""
+        gram = self.grams.get(node)
+        if gram is None:
+            return None
+        key = (node, np.asarray(scale).tobytes(), axis, qtype.name, qtype.qmin, zero_point)
+        if key not in self._codes:
+            group = node.attributes.get_int("group", 1) if node.op_type == "Conv" else 1
+            self._codes[key] = round_weight_gptq(w, gram, scale, axis, zero_point, qtype, group, self.damp)
+        return self._codes[key]
+
+
+def _unit_gram(node: ir.Node, x: np.ndarray) -> np.ndarray:
+    w_shape = tuple(node.inputs[1].const_value.shape)
+    if node.op_type == "MatMul":
+        return input_gram([x], w_shape[0])
+    attributes = node.attributes
+    strides = list(attributes.get_ints("strides", [1, 1]))
+    dilations = list(attributes.get_ints("dilations", [1, 1]))
+    pads = _pads(attributes.get_string("auto_pad", "NOTSET"), list(attributes.get_ints("pads", [0, 0, 0, 0])),
+                 x.shape[2:], w_shape[2:], strides, dilations)
+    return conv_gram(x, w_shape, attributes.get_int("group", 1), strides, pads, dilations)
+
+
+def _pads(auto_pad: str, pads: list[int], size, kernel, strides, dilations) -> list[int]:
+    """Explicit (top, left, bottom, right) pads, auto_pad=SAME_* worked out as onnxruntime does."""
+    if auto_pad == "VALID":
+        return [0, 0, 0, 0]
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        return pads
+    begin, end = [], []
+    for n, k, s, d in zip(size, kernel, strides, dilations):
+        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        small = total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else total - small)
+        end.append(total - begin[-1])
+    return begin + end
