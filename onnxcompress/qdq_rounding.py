@@ -38,10 +38,17 @@ class GptqRounding:
         nodes = [n for n in nodes if not gptq_reason(n)]
         if not nodes:
             return
+        # Units that read the same input the same way (attention's query, key and value
+        # MatMuls) share one Gram matrix: computed once per feed, not once per unit.
+        readers: dict[tuple, list[ir.Node]] = {}
+        for node in nodes:
+            readers.setdefault(_geometry(node), []).append(node)
+        shared: dict[tuple, np.ndarray] = {}
         for values in stream(model, [n.inputs[0].name for n in nodes], feeds):
-            for node in nodes:
+            for key, (node, *_) in readers.items():
                 gram = _unit_gram(node, values[node.inputs[0].name])
-                self.grams[node] = gram if node not in self.grams else self.grams[node] + gram
+                shared[key] = gram if key not in shared else shared[key] + gram
+        self.grams = {node: shared[key] for key, group in readers.items() for node in group}
 
     def codes(self, node: ir.Node, w: np.ndarray, scale, axis: int | None, qtype: QType, zero_point: int):
         """The codes of ``node``'s weight ``w`` on the grid (scale, zero point, qtype), or None
@@ -54,6 +61,12 @@ class GptqRounding:
             group = node.attributes.get_int("group", 1) if node.op_type == "Conv" else 1
             self._codes[key] = round_weight_gptq(w, gram, scale, axis, zero_point, qtype, group, self.damp)
         return self._codes[key]
+
+
+def _geometry(node: ir.Node) -> tuple:
+    """What a unit's Gram matrix depends on: its input, op, weight shape and Conv attributes."""
+    attributes = tuple(sorted((name, repr(attr.value)) for name, attr in node.attributes.items()))
+    return node.inputs[0].name, node.op_type, tuple(node.inputs[1].const_value.shape), attributes
 
 
 def _unit_gram(node: ir.Node, x: np.ndarray) -> np.ndarray:
