@@ -83,13 +83,7 @@ def cluster_values(array: np.ndarray, clusters: int, init: Init = "linear", seed
     if centroids is None:
         centroids = _mean_of_nearest(data, _fit(data, room, init, seed))
     codebook = np.sort(np.concatenate([[0.0], centroids]) if has_zeros else centroids).astype(array.dtype)
-    indices = _nearest(flat, codebook)
-    if has_zeros:  # an exact zero is never assigned to a nonzero centroid, nor a nonzero weight to 0
-        zero_index = int(np.flatnonzero(codebook == 0)[0])
-        indices[zero] = zero_index
-        misplaced = ~zero & (indices == zero_index)
-        if misplaced.any():
-            indices[misplaced] = _nearest_nonzero(flat[misplaced], codebook, zero_index)
+    indices = nearest_entries(flat, codebook, zero if has_zeros else None)
     dtype = np.uint8 if len(codebook) <= 256 else np.uint16
     return Clustered(codebook, indices.astype(dtype).reshape(array.shape))
 
@@ -237,6 +231,21 @@ def _nearest(values: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     if wrong.any():
         index[wrong] = np.searchsorted(midpoints, values[wrong], side="left")
     return index
+
+
+def nearest_entries(values: np.ndarray, codebook: np.ndarray, zeros: np.ndarray | None = None) -> np.ndarray:
+    """Index of the nearest entry of a sorted ``codebook`` for each value; where ``zeros``
+    (a mask of the weights that are exact zeros, pruned) is given and the codebook holds 0.0,
+    those take the zero entry and no other value does (it goes to the nearer neighbour)."""
+    indices = _nearest(values, codebook)
+    hits = np.flatnonzero(codebook == 0)
+    if zeros is not None and hits.size:
+        zero_index = int(hits[0])
+        indices[zeros] = zero_index
+        misplaced = ~zeros & (indices == zero_index)
+        if misplaced.any():
+            indices[misplaced] = _nearest_nonzero(values[misplaced], codebook, zero_index)
+    return indices
 
 
 def _nearest_nonzero(values: np.ndarray, codebook: np.ndarray, zero_index: int) -> np.ndarray:

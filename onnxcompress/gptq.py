@@ -1,8 +1,8 @@
 """GPTQ (Frantar et al. 2023, "GPTQ: Accurate Post-Training Quantization for Generative
 Pre-trained Transformers"): weights rounded so that the layer's output on the calibration
 inputs moves as little as possible, on the block grid MatMulNBits reads
-(:func:`quantize_blocks_gptq`) and on quantize-qdq's per-channel int8 grid
-(:func:`round_gptq`).
+(:func:`quantize_blocks_gptq`), on quantize-qdq's per-channel int8 grid
+(:func:`round_gptq`) and onto cluster-weights' k-means codebook (:func:`assign_codebook_gptq`).
 
 Round-to-nearest quantizes every weight on its own. GPTQ quantizes the K rows of a K×N
 weight one after another and, after each row, moves the rows not yet quantized so that the
@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import numpy as np
 import scipy.linalg
 
+from onnxcompress.clustering import nearest_entries
 from onnxcompress.quantization import Blocks, QType, block_grid, round_half_even
 
 CHUNK_ROWS = 128  # rows whose updates stay inside the chunk; the rest get one matrix product
@@ -122,6 +123,41 @@ def round_gptq(w: np.ndarray, gram: np.ndarray, scale: np.ndarray, zero_point: i
 
     _optimal_brain_rounding(weights, upper, nearest, CHUNK_ROWS)
     return codes
+
+
+def assign_codebook_gptq(w: np.ndarray, gram: np.ndarray, codebook: np.ndarray, scales: np.ndarray,
+                         damp: float = 0.01) -> np.ndarray:
+    """Indices (G×K×N, int64) into the sorted ``codebook`` for ``w`` (G×K×N: G groups of a
+    K×N weight), weight (g, k, n) standing for ``codebook[index] · scales[g, n]`` (``scales``
+    G×N, ones for one codebook per tensor), chosen row by row by GPTQ against ``gram``
+    (G×K×K) instead of each weight on its own. Weights that are exact zeros (pruned) stay on
+    the codebook's 0.0 entry and no other weight goes to it, as in :func:`nearest_entries`.
+
+    Exact limit: with a diagonal ``gram`` no error moves between rows and the indices are
+    those of the nearest entries; weights already on the codebook keep their entries."""
+    upper = _inverse_factor(gram, damp)
+    weights = np.array(w, dtype=np.float64)
+    zeros = weights == 0
+    entries = np.asarray(codebook, dtype=np.float64)
+    scales = np.asarray(scales, dtype=np.float64)
+    indices = np.zeros(weights.shape, dtype=np.int64)
+    has_zero = bool(zeros.any())
+
+    def nearest(row: int, pending: np.ndarray) -> np.ndarray:
+        values = pending[:, 0] / scales
+        chosen = nearest_entries(values.ravel(), entries, zeros[:, row].ravel() if has_zero else None)
+        indices[:, row] = chosen.reshape(values.shape)
+        return entries[indices[:, row]] * scales
+
+    _optimal_brain_rounding(weights, upper, nearest, CHUNK_ROWS)
+    return indices
+
+
+def output_error(delta: np.ndarray, gram: np.ndarray) -> float:
+    """Σ_g tr(Δ_gᵀ·H_g·Δ_g): the squared change of the layer's output on the calibration
+    inputs that a weight change ``delta`` (G×K×N) causes, with ``gram`` = H (G×K×K)."""
+    d = np.asarray(delta, dtype=np.float64)
+    return float(np.einsum("gkn,gkn->", d, np.matmul(gram, d)))
 
 
 def quantize_blocks_gptq(w: np.ndarray, gram: np.ndarray, block_size: int, qtype: QType, symmetric: bool,

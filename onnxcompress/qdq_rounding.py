@@ -1,5 +1,6 @@
 """GPTQ rounding of quantize-qdq's weights: the Gram matrices of each unit's inputs on the
-calibration feeds, and the codes :func:`onnxcompress.gptq.round_weight_gptq` picks from them."""
+calibration feeds (:func:`unit_grams`, which cluster-weights' GPTQ assignment reads too), and
+the codes :func:`onnxcompress.gptq.round_weight_gptq` picks from them."""
 
 from __future__ import annotations
 
@@ -14,14 +15,45 @@ from onnxcompress.gptq import conv_gram, input_gram, round_weight_gptq
 from onnxcompress.quantization import QType
 
 
-def gptq_reason(node: ir.Node) -> str:
-    """Why GPTQ cannot round this unit's weight ("" when it can)."""
+def gram_reason(node: ir.Node) -> str:
+    """Why no Gram matrix of this unit's inputs can be formed ("" when one can): it takes a
+    MatMul or a Gemm (transA=0) with a constant 2-D weight, or a 2-D Conv."""
     weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
-    if node.op_type == "MatMul":
-        return "" if weight is not None and len(weight.shape) == 2 else "its weight is not a constant 2-D matrix"
+    if node.op_type in ("MatMul", "Gemm"):
+        if weight is None or len(weight.shape) != 2:
+            return "its weight is not a constant 2-D matrix"
+        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+            return "a Gemm with transA=1 is not handled"
+        return ""
     if node.op_type == "Conv":
         return "" if weight is not None and len(weight.shape) == 4 else "not a 2-D convolution"
     return f"{node.op_type} is not handled"
+
+
+def gptq_reason(node: ir.Node) -> str:
+    """Why GPTQ cannot round this unit's weight onto quantize-qdq's grid ("" when it can)."""
+    return "Gemm is not handled" if node.op_type == "Gemm" else gram_reason(node)
+
+
+def unit_grams(model: ir.Model, nodes: Iterable[ir.Node], feeds: list[dict]) -> dict[ir.Node, np.ndarray]:
+    """The Gram matrix of each unit's inputs (G×K×K for a Conv's patches per group, K×K for
+    a MatMul or Gemm) on ``feeds``, in one streamed run of the float model (memory: one
+    matrix per unit, not the activations). Units without one (:func:`gram_reason`) are left out.
+
+    Units that read the same input the same way (attention's query, key and value MatMuls)
+    share one Gram matrix: computed once per feed, not once per unit."""
+    nodes = [n for n in nodes if not gram_reason(n)]
+    if not nodes:
+        return {}
+    readers: dict[tuple, list[ir.Node]] = {}
+    for node in nodes:
+        readers.setdefault(_geometry(node), []).append(node)
+    shared: dict[tuple, np.ndarray] = {}
+    for values in stream(model, [n.inputs[0].name for n in nodes], feeds):
+        for key, (node, *_) in readers.items():
+            gram = _unit_gram(node, values[node.inputs[0].name])
+            shared[key] = gram if key not in shared else shared[key] + gram
+    return {node: shared[key] for key, group in readers.items() for node in group}
 
 
 class GptqRounding:
@@ -32,23 +64,9 @@ class GptqRounding:
 
     def __init__(self, model: ir.Model, nodes: Iterable[ir.Node], feeds: list[dict], damp: float):
         self.damp = damp
-        self.grams: dict[ir.Node, np.ndarray] = {}
         self.feeds = len(feeds)
         self._codes: dict[tuple, np.ndarray] = {}
-        nodes = [n for n in nodes if not gptq_reason(n)]
-        if not nodes:
-            return
-        # Units that read the same input the same way (attention's query, key and value
-        # MatMuls) share one Gram matrix: computed once per feed, not once per unit.
-        readers: dict[tuple, list[ir.Node]] = {}
-        for node in nodes:
-            readers.setdefault(_geometry(node), []).append(node)
-        shared: dict[tuple, np.ndarray] = {}
-        for values in stream(model, [n.inputs[0].name for n in nodes], feeds):
-            for key, (node, *_) in readers.items():
-                gram = _unit_gram(node, values[node.inputs[0].name])
-                shared[key] = gram if key not in shared else shared[key] + gram
-        self.grams = {node: shared[key] for key, group in readers.items() for node in group}
+        self.grams = unit_grams(model, [n for n in nodes if not gptq_reason(n)], feeds)
 
     def codes(self, node: ir.Node, w: np.ndarray, scale, axis: int | None, qtype: QType, zero_point: int):
         """The codes of ``node``'s weight ``w`` on the grid (scale, zero point, qtype), or None
@@ -73,6 +91,8 @@ def _unit_gram(node: ir.Node, x: np.ndarray) -> np.ndarray:
     w_shape = tuple(node.inputs[1].const_value.shape)
     if node.op_type == "MatMul":
         return input_gram([x], w_shape[0])
+    if node.op_type == "Gemm":
+        return input_gram([x], w_shape[1] if node.attributes.get_int("transB", 0) else w_shape[0])
     attributes = node.attributes
     strides = list(attributes.get_ints("strides", [1, 1]))
     dilations = list(attributes.get_ints("dilations", [1, 1]))
