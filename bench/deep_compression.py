@@ -46,6 +46,11 @@ CNN = [
     "prune-magnitude{sparsity=0.9,scope=global},cluster-weights{clusters=16}",
     "prune-magnitude{sparsity=0.85,scope=global},quantize-qdq",
 ]
+# 128 scaled-channel values for the 1×1 convs, 32 for the classifier, 256 per tensor for the
+# first block and the depthwise convs.
+MOBILENET_MIXED = ('cluster-weights{{clusters=128,granularity=channel,assign={assign},@/classifier/.*{{clusters=32}},'
+                   '@"/features/features\\.[01]/.*"{{clusters=256,granularity=tensor}},'
+                   '@".*/conv\\.1\\.0/Conv"{{clusters=256,granularity=tensor}}}}')
 PIPELINES = {
     "digits_cnn": CNN,
     "fmnist_cnn": CNN,
@@ -56,6 +61,9 @@ PIPELINES = {
         "cluster-weights{clusters=256}",
         "cluster-weights{clusters=256,granularity=channel}",
         "prune-magnitude{sparsity=0.1,scope=global},cluster-weights{clusters=256}",
+        "cluster-weights{clusters=64,granularity=channel,assign=gptq}",
+        MOBILENET_MIXED.format(assign="nearest"),
+        MOBILENET_MIXED.format(assign="gptq"),
         "preset:int8",
     ],
     "minilm_l6": [
@@ -74,6 +82,10 @@ PIPELINES = {
         "cluster-weights{clusters=128,granularity=channel}",
         "cluster-weights{clusters=256}",
         "prune-magnitude{sparsity=0.2,scope=global},cluster-weights{clusters=256}",
+        "cluster-weights{clusters=64,granularity=channel,assign=gptq}",
+        "cluster-weights{clusters=32,granularity=channel}",
+        "cluster-weights{clusters=32,granularity=channel,assign=gptq}",
+        "cluster-weights{clusters=16,granularity=channel,assign=gptq}",
         "quantize-qdq{calibration=percentile}",
     ],
 }

@@ -4,8 +4,9 @@ Each pipeline's archive unpacks to its ONNX file bit for bit, and the storage ta
 where they are met (FP32 file bytes / archive bytes, metric from ``models/``). Measured with
 onnxruntime 1.32 on the full evaluation sets: fmnist_cnn 29.3× at accuracy 0.917 (FP32
 0.922); digits_cnn 22.5× at 0.989 (FP32 0.998); minilm_l6 8.9× at 0.808 (FP32 0.814);
-ppocrv4_rec 6.0× at exact match 0.905 (FP32 0.970); mobilenet_v2 4.4× at top-1 agreement
-0.963 (its ≥ 6× at ≥ 0.95 target is not reached without fine-tuning).
+ppocrv4_rec 6.0× at exact match 0.905 (FP32 0.970), 6.7× at 0.985 with GPTQ assignment;
+mobilenet_v2 4.4× at top-1 agreement 0.963, 5.3× at 0.944 with GPTQ assignment and a mix of
+codebook sizes (its ≥ 6× at ≥ 0.95 target is not reached without fine-tuning).
 """
 
 from __future__ import annotations
@@ -82,6 +83,18 @@ def test_ppocr_scaled_channels_from_the_package_file(tmp_path):
     assert chosen_encodings(path)["scaled-codebook"] == sum(r.action == "rewritten" for r in cluster_records(result))
 
 
+def test_ppocr_32_scaled_channel_values_hold_with_gptq_assignment(tmp_path):
+    feeds = models.calibration_feeds("ppocrv4_rec", 32)
+    exact = {}
+    for assign in ("nearest", "gptq"):
+        path, _, ratio = compress_and_pack("ppocrv4_rec", f"cluster-weights{{clusters=32,granularity=channel,assign={assign}}}",
+                                           tmp_path / assign, calibration=feeds)
+        exact[assign] = models.evaluate("ppocrv4_rec", path, limit=100)["exact"]
+        print(f"ppocrv4_rec 32 values, assign={assign}: {ratio:.2f}x, exact {exact[assign]:.3f}")
+        assert ratio >= 6.5  # measured 6.67x (nearest) and 6.66x (gptq)
+    assert exact["nearest"] < 0.5 and exact["gptq"] >= 0.93, exact  # measured 0.160 and 0.985 on all 200 lines
+
+
 def test_mobilenet_shared_values_and_prune_then_int8(tmp_path):
     path, result, ratio = compress_and_pack("mobilenet_v2", "cluster-weights{clusters=256}", tmp_path)
     metrics = models.evaluate("mobilenet_v2", path, limit=100)
@@ -95,7 +108,7 @@ def test_mobilenet_shared_values_and_prune_then_int8(tmp_path):
 # first block and the depthwise convs (where the error goes first).
 MOBILENET_MIXED = ('cluster-weights{{clusters=128,granularity=channel,assign={assign},@/classifier/.*{{clusters=32}},'
                    '@"/features/features\\.[01]/.*"{{clusters=256,granularity=tensor}},'
-                   '@"/features/features\\.([2-9]|1[0-7])/conv/conv\\.1/.*"{{clusters=256,granularity=tensor}}}}')
+                   '@".*/conv\\.1\\.0/Conv"{{clusters=256,granularity=tensor}}}}')
 
 
 def test_mobilenet_gptq_assignment_against_nearest(tmp_path):
