@@ -5,7 +5,7 @@ the codes :func:`onnxcompress.gptq.round_weight_gptq` picks from them."""
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -13,6 +13,13 @@ import onnx_ir as ir
 from onnxcompress.activations import stream
 from onnxcompress.gptq import conv_gram, input_gram, round_weight_gptq
 from onnxcompress.quantization import QType
+
+
+class UnitGram(NamedTuple):
+    """A unit's Gram matrix and the number of input rows (vectors, patches) it sums."""
+
+    gram: np.ndarray
+    rows: int
 
 
 def gram_reason(node: ir.Node) -> str:
@@ -35,10 +42,11 @@ def gptq_reason(node: ir.Node) -> str:
     return "Gemm is not handled" if node.op_type == "Gemm" else gram_reason(node)
 
 
-def unit_grams(model: ir.Model, nodes: Iterable[ir.Node], feeds: list[dict]) -> dict[ir.Node, np.ndarray]:
+def unit_grams(model: ir.Model, nodes: Iterable[ir.Node], feeds: list[dict]) -> dict[ir.Node, UnitGram]:
     """The Gram matrix of each unit's inputs (G×K×K for a Conv's patches per group, K×K for
-    a MatMul or Gemm) on ``feeds``, in one streamed run of the float model (memory: one
-    matrix per unit, not the activations). Units without one (:func:`gram_reason`) are left out.
+    a MatMul or Gemm) on ``feeds`` and the number of input rows it sums, in one streamed run
+    of the float model (memory: one matrix per unit, not the activations). Units without
+    one (:func:`gram_reason`) are left out.
 
     Units that read the same input the same way (attention's query, key and value MatMuls)
     share one Gram matrix: computed once per feed, not once per unit."""
@@ -48,11 +56,12 @@ def unit_grams(model: ir.Model, nodes: Iterable[ir.Node], feeds: list[dict]) -> 
     readers: dict[tuple, list[ir.Node]] = {}
     for node in nodes:
         readers.setdefault(_geometry(node), []).append(node)
-    shared: dict[tuple, np.ndarray] = {}
+    shared: dict[tuple, UnitGram] = {}
     for values in stream(model, [n.inputs[0].name for n in nodes], feeds):
         for key, (node, *_) in readers.items():
-            gram = _unit_gram(node, values[node.inputs[0].name])
-            shared[key] = gram if key not in shared else shared[key] + gram
+            gram, rows = _unit_gram(node, values[node.inputs[0].name])
+            shared[key] = UnitGram(gram, rows) if key not in shared else \
+                UnitGram(shared[key].gram + gram, shared[key].rows + rows)
     return {node: shared[key] for key, group in readers.items() for node in group}
 
 
@@ -66,7 +75,8 @@ class GptqRounding:
         self.damp = damp
         self.feeds = len(feeds)
         self._codes: dict[tuple, np.ndarray] = {}
-        self.grams = unit_grams(model, [n for n in nodes if not gptq_reason(n)], feeds)
+        units = unit_grams(model, [n for n in nodes if not gptq_reason(n)], feeds)
+        self.grams = {node: unit.gram for node, unit in units.items()}
 
     def codes(self, node: ir.Node, w: np.ndarray, scale, axis: int | None, qtype: QType, zero_point: int):
         """The codes of ``node``'s weight ``w`` on the grid (scale, zero point, qtype), or None
@@ -87,18 +97,21 @@ def _geometry(node: ir.Node) -> tuple:
     return node.inputs[0].name, node.op_type, tuple(node.inputs[1].const_value.shape), attributes
 
 
-def _unit_gram(node: ir.Node, x: np.ndarray) -> np.ndarray:
+def _unit_gram(node: ir.Node, x: np.ndarray) -> tuple[np.ndarray, int]:
     w_shape = tuple(node.inputs[1].const_value.shape)
-    if node.op_type == "MatMul":
-        return input_gram([x], w_shape[0])
-    if node.op_type == "Gemm":
-        return input_gram([x], w_shape[1] if node.attributes.get_int("transB", 0) else w_shape[0])
+    if node.op_type in ("MatMul", "Gemm"):
+        k = w_shape[1] if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else w_shape[0]
+        return input_gram([x], k), x.size // k
     attributes = node.attributes
     strides = list(attributes.get_ints("strides", [1, 1]))
     dilations = list(attributes.get_ints("dilations", [1, 1]))
     pads = _pads(attributes.get_string("auto_pad", "NOTSET"), list(attributes.get_ints("pads", [0, 0, 0, 0])),
                  x.shape[2:], w_shape[2:], strides, dilations)
-    return conv_gram(x, w_shape, attributes.get_int("group", 1), strides, pads, dilations)
+    positions = 1
+    for d in range(2):
+        extent = x.shape[2 + d] + pads[d] + pads[2 + d] - dilations[d] * (w_shape[2 + d] - 1) - 1
+        positions *= extent // strides[d] + 1
+    return conv_gram(x, w_shape, attributes.get_int("group", 1), strides, pads, dilations), x.shape[0] * positions
 
 
 def _pads(auto_pad: str, pads: list[int], size, kernel, strides, dilations) -> list[int]:

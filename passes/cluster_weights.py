@@ -115,6 +115,11 @@ class ClusterWeights(CompressionPass):
     nearest assignment's. On mobilenet_v2 (128 scaled-channel values for the 1×1 convs, 32
     for the classifier, 256 per tensor for the rest; 5.3× smaller packed) top-1 agreement
     goes from 0.913 to 0.944, KL from 0.016 to 0.0056.
+    GPTQ fits the calibration inputs: with fewer input rows than a layer has inputs it can
+    do worse than the nearest values on other inputs. minilm_l6 with 16 values per tensor:
+    cosine to FP32 0.905 from 32 sentences (about 1,000 tokens for 1536-input projections)
+    against 0.936 for the nearest values, 0.958 from 128 sentences, 0.966 with ``damp=0.1``.
+    A layer whose Gram matrix sums fewer input rows than it has inputs says so in its line.
     Weights of other ops, and weights read by several nodes, get the nearest entries, with
     the reason in their line.
 
@@ -184,7 +189,7 @@ class ClusterWeights(CompressionPass):
                                  f"{bits} bits per weight instead of {8 * w.array.itemsize}"))
         return out
 
-    def _grams(self, model: ir.Model, weights: list[SharedWeight]) -> dict[ir.Node, np.ndarray]:
+    def _grams(self, model: ir.Model, weights: list[SharedWeight]) -> dict:
         """The Gram matrix of the inputs of each weight's one reader, for assign=gptq."""
         feeds = self.context.calibration
         if not feeds:
@@ -297,7 +302,8 @@ def _assign_gptq(weight: SharedWeight, clustered: Clustered, grams: dict, damp: 
         return clustered, f"; nearest values, not GPTQ: the weight is read by {len(weight.nodes)} nodes"
     if node not in grams:
         return clustered, f"; nearest values, not GPTQ: {gram_reason(node) or 'no inputs were computed'}"
-    gram = grams[node] if grams[node].ndim == 3 else grams[node][None]
+    gram, rows = grams[node]
+    gram = gram if gram.ndim == 3 else gram[None]
     to_units, from_units = _unit_layout(node, weight.array.shape)
     units = to_units(weight.array)
     groups, _, outputs = units.shape
@@ -309,7 +315,12 @@ def _assign_gptq(weight: SharedWeight, clustered: Clustered, grams: dict, damp: 
     chosen = output_error(units - entries[indices] * scales[:, None, :], gram)
     share = chosen / nearest if nearest > 0 else 1.0
     assigned = dataclasses.replace(clustered, indices=from_units(indices).astype(clustered.indices.dtype))
-    return assigned, f"; GPTQ assignment: output error on the calibration data {share:.3f}× that of nearest assignment"
+    text = f"; GPTQ assignment: output error on the calibration data {share:.3f}× that of nearest assignment"
+    inputs = gram.shape[-1]
+    if rows < inputs:
+        text += (f" (from {rows} input rows for {inputs} inputs: fewer rows than inputs, the fit may not "
+                 f"carry to other data; more calibration data helps)")
+    return assigned, text
 
 
 def _unit_layout(node: ir.Node, shape: tuple[int, ...]):

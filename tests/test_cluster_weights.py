@@ -501,6 +501,17 @@ def test_gptq_assignment_moves_the_output_less_than_nearest(granularity):
     shares = [float(r.detail.split("output error on the calibration data ")[1].split("×")[0])
               for r in records(p, "rewritten")]
     assert len(shares) == 4 and all(share < 1.0 for share in shares), shares
+    assert not any("fewer rows than inputs" in r.detail for r in records(p, "rewritten"))
+
+
+def test_gptq_assignment_says_when_a_layer_had_fewer_input_rows_than_inputs():
+    # Two feeds of 4 images: 8 rows for the Gemm's 32 inputs and the MatMul's 16; the convs
+    # see 8 × 36 patches.
+    model = three_kinds_model()
+    p = cluster_with(model, smooth_feeds(2, 0), clusters=8, assign="gptq")
+    warned = {r.node: r.detail for r in records(p, "rewritten") if "fewer rows than inputs" in r.detail}
+    assert set(warned) == {"fc", "mm"}
+    assert "(from 8 input rows for 32 inputs: fewer rows than inputs" in warned["fc"]
 
 
 def _scales(model: ir.Model, name: str) -> np.ndarray:

@@ -110,17 +110,19 @@ def _conv_output_energy(weight, x, **attrs) -> np.ndarray:
 def test_conv_gram_is_the_gram_of_the_patches_onnxruntime_convolves(attrs):
     """For every filter w_n of group g: Σ y_n² = w_nᵀ G_g w_n, the defining identity of the
     patches' Gram matrix, against onnxruntime's own Conv (strides, pads, dilations, groups,
-    auto_pad)."""
+    auto_pad); the rows it sums are the output positions onnxruntime computes."""
     from onnxcompress.qdq_rounding import _unit_gram
-    from tests.graphs import conv_model
+    from tests.graphs import conv_model, run
 
     rng = np.random.default_rng(0)
     group = attrs.get("group", 1)
     weight = rng.standard_normal((8, 8 // group, 3, 2)).astype(np.float32)
     x = rng.standard_normal((2, 8, 9, 11)).astype(np.float32)
     node = next(iter(conv_model(weight, size=x.shape[2:], bias=False, **attrs).graph))
-    gram = _unit_gram(node, x)
+    gram, rows = _unit_gram(node, x)
     assert gram.shape == (group, weight[0].size, weight[0].size)
+    y = run(conv_model(weight, size=x.shape[2:], bias=False, **attrs), {"x": x})[0]
+    assert rows == y.shape[0] * y.shape[2] * y.shape[3]
     per_group = weight.reshape(group, 8 // group, -1)
     quadratic = np.einsum("gnk,gkl,gnl->gn", per_group, gram, per_group).reshape(-1)
     np.testing.assert_allclose(quadratic, _conv_output_energy(weight, x, **attrs), rtol=1e-5)
