@@ -132,15 +132,15 @@ class ClusterWeights(CompressionPass):
     input than the weight, are smaller than ``min_elements``, hold NaN or infinite values,
     or whose nodes match ``exclude``. Nodes inside If/Loop/Scan bodies are not visited.
 
-    Per node (``@PATTERN{...}``): ``clusters``, ``init`` and ``granularity`` of the node's
-    weight, or ``skip=true`` to leave it alone (refused, naming the pattern). A weight read by
+    Per node (``@PATTERN{...}``): ``clusters``, ``init``, ``granularity`` and ``assign`` of the
+    node's weight, or ``skip=true`` to leave it alone (refused, naming the pattern). A weight read by
     several nodes is one tensor: it follows its first reader in graph order, and is left alone
     when any reader is skipped.
     """
 
     name = "cluster-weights"
     Options = ClusterWeightsOptions
-    per_node = ("clusters", "init", "granularity")
+    per_node = ("clusters", "init", "granularity", "assign")
     prerequisites = ("lift-constants", "fold-batchnorm")
     lossless = False
 
@@ -150,12 +150,13 @@ class ClusterWeights(CompressionPass):
         names = Names(model)
         changed = elements = most = 0
         weights = self._eligible(model, record=True)
-        grams = self._grams(model, weights) if self.options.assign == "gptq" else None
+        by_gptq = [w for w in weights if w.options.assign == "gptq"]
+        grams = self._grams(model, by_gptq) if by_gptq else {}
         for weight in weights:
             array = weight.array
             clustered = self._cluster(weight)
             assignment = ""
-            if grams is not None:
+            if weight.options.assign == "gptq":
                 clustered, assignment = _assign_gptq(weight, clustered, grams, self.options.damp)
             rebuilt = clustered.rebuild()
             if self.options.form == "dense" and np.array_equal(rebuilt, array):

@@ -575,6 +575,21 @@ def test_gptq_assignment_says_which_weights_get_the_nearest_values_and_why():
     assert "GPTQ assignment of 0 weights against their inputs on 1 feeds" in p.notes
 
 
+def test_gptq_assignment_per_node():
+    calibration = smooth_feeds(8, 0)
+    whole, per_node = three_kinds_model(), three_kinds_model()
+    cluster_with(whole, calibration, clusters=8, assign="gptq")
+    entry = next(e for e in Pipeline.parse("cluster-weights{clusters=8,min_elements=0,@fc{assign=gptq},@conv{assign=gptq}}")
+                 if e.name == "cluster-weights")
+    p = ClusterWeights(entry.options, PassContext(calibration=calibration), entry.overrides)
+    p(per_node)
+    by_gptq = {r.node for r in records(p, "rewritten") if "GPTQ assignment" in r.detail}
+    assert by_gptq == {"fc", "conv"}
+    assert "GPTQ assignment of 2 weights against their inputs on 8 feeds" in p.notes
+    for name in ("fc_w", "conv_w"):
+        np.testing.assert_array_equal(initializer(per_node, name), initializer(whole, name))
+
+
 def test_gptq_assignment_without_calibration_data_is_one_clear_error():
     model = model_with_random_weights()
     before = ir.to_onnx_text(model)
