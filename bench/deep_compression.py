@@ -49,8 +49,8 @@ CNN = [
 # 128 scaled-channel values for the 1×1 convs, 32 for the classifier, 256 per tensor for the
 # first block and the depthwise convs.
 MOBILENET_MIXED = ('cluster-weights{{clusters=128,granularity=channel,assign={assign},@/classifier/.*{{clusters=32}},'
-                   '@"/features/features\\.[01]/.*"{{clusters=256,granularity=tensor}},'
-                   '@".*/conv\\.1\\.0/Conv"{{clusters=256,granularity=tensor}}}}')
+                   '@/features/features\\.[01]/.*{{clusters=256,granularity=tensor}},'
+                   '@.*/conv\\.1\\.0/Conv{{clusters=256,granularity=tensor}}}}')
 PIPELINES = {
     "digits_cnn": CNN,
     "fmnist_cnn": CNN,
