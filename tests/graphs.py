@@ -181,6 +181,17 @@ def run(
     return session(model, optimize).run(None, dict(feeds))
 
 
+def smooth_feeds(count: int, seed: int, shape: tuple[int, ...]) -> list[dict[str, np.ndarray]]:
+    """Feeds ``{"x": image batch}`` whose neighbouring pixels are strongly correlated (running
+    sums of noise), as in real images: the Gram matrix of a Conv's patches is far from diagonal."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        x = np.cumsum(np.cumsum(rng.standard_normal(shape), axis=2), axis=3)
+        out.append({"x": (x / np.abs(x).max()).astype(np.float32)})
+    return out
+
+
 def random_feeds(
     model: ir.Model | onnx.ModelProto, seed: int = 0, batch: int = 2, scale: float = 1.0
 ) -> dict[str, np.ndarray]:

@@ -25,6 +25,7 @@ from tests.graphs import (
     random_feeds,
     records,
     run,
+    smooth_feeds,
 )
 
 RNG = np.random.default_rng(0)
@@ -440,15 +441,8 @@ def test_quantized_model_is_left_alone():
 # ---------------------------------------------------------------------------- assign=gptq
 
 
-def smooth_feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """Inputs whose neighbouring pixels are strongly correlated (running sums of noise), as in
-    real images: the Gram matrix of a Conv's patches is far from diagonal."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        x = np.cumsum(np.cumsum(rng.standard_normal((4, 4, 6, 6)), axis=2), axis=3)
-        out.append({"x": (x / np.abs(x).max()).astype(np.float32)})
-    return out
+def image_feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    return smooth_feeds(count, seed, (4, 4, 6, 6))
 
 
 def three_kinds_model(seed: int = 3) -> ir.Model:
@@ -487,7 +481,7 @@ def output_noise(reference: ir.Model, candidate: ir.Model, feeds) -> float:
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 def test_gptq_assignment_moves_the_output_less_than_nearest(granularity):
     """On held-out inputs, with the same codebooks: Conv, grouped Conv, Gemm(transB) and MatMul."""
-    calibration, held_out = smooth_feeds(32, 0), smooth_feeds(8, 100)
+    calibration, held_out = image_feeds(32, 0), image_feeds(8, 100)
     original, nearest, gptq = three_kinds_model(), three_kinds_model(), three_kinds_model()
     cluster_with(nearest, calibration, clusters=8, granularity=granularity)
     p = cluster_with(gptq, calibration, clusters=8, granularity=granularity, assign="gptq")
@@ -508,7 +502,7 @@ def test_gptq_assignment_says_when_a_layer_had_fewer_input_rows_than_inputs():
     # Two feeds of 4 images: 8 rows for the Gemm's 32 inputs and the MatMul's 16; the convs
     # see 8 × 36 patches.
     model = three_kinds_model()
-    p = cluster_with(model, smooth_feeds(2, 0), clusters=8, assign="gptq")
+    p = cluster_with(model, image_feeds(2, 0), clusters=8, assign="gptq")
     warned = {r.node: r.detail for r in records(p, "rewritten") if "fewer rows than inputs" in r.detail}
     assert set(warned) == {"fc", "mm"}
     assert "(from 8 input rows for 32 inputs: fewer rows than inputs" in warned["fc"]
@@ -576,7 +570,7 @@ def test_gptq_assignment_says_which_weights_get_the_nearest_values_and_why():
 
 
 def test_gptq_assignment_per_node():
-    calibration = smooth_feeds(8, 0)
+    calibration = image_feeds(8, 0)
     whole, per_node = three_kinds_model(), three_kinds_model()
     cluster_with(whole, calibration, clusters=8, assign="gptq")
     entry = next(e for e in Pipeline.parse("cluster-weights{clusters=8,min_elements=0,@fc{assign=gptq},@conv{assign=gptq}}")

@@ -12,7 +12,7 @@ from onnxcompress.metrics import tensor_drift
 from onnxcompress.options import parse_options
 from onnxcompress.pass_base import PassContext
 from onnxcompress.passes.quantize_qdq import QuantizeQdq, QuantizeQdqOptions
-from tests.graphs import Builder, check, ops, random_feeds, refusals, records, run
+from tests.graphs import Builder, check, ops, random_feeds, refusals, records, run, smooth_feeds
 
 
 def _pass(feeds, **options) -> QuantizeQdq:
@@ -393,14 +393,7 @@ def test_fallback_that_already_holds_keeps_everything_int8():
 
 
 def _smooth_feeds(count, seed):
-    """Images whose neighbouring pixels are strongly correlated (running sums of noise), as in
-    real images: the Gram matrix of a Conv's patches is far from diagonal."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        x = np.cumsum(np.cumsum(rng.standard_normal((1, 3, 12, 12)), axis=2), axis=3)
-        out.append({"x": (x / np.abs(x).max()).astype(np.float32)})
-    return out
+    return smooth_feeds(count, seed, (1, 3, 12, 12))
 
 
 def test_gptq_rounding_moves_the_output_less_than_nearest():
