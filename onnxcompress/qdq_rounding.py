@@ -15,6 +15,9 @@ from onnxcompress.gptq import conv_gram, input_gram, round_weight_gptq
 from onnxcompress.quantization import QType
 
 
+MAX_GRAM_INPUTS = 8192  # a 512 MiB float64 matrix
+
+
 class UnitGram(NamedTuple):
     """A unit's Gram matrix and the number of input rows (vectors, patches) it sums."""
 
@@ -24,17 +27,29 @@ class UnitGram(NamedTuple):
 
 def gram_reason(node: ir.Node) -> str:
     """Why no Gram matrix of this unit's inputs can be formed ("" when one can): it takes a
-    MatMul or a Gemm (transA=0) with a constant 2-D weight, or a 2-D Conv."""
+    MatMul or a Gemm (transA=0) with a constant 2-D weight, or a 2-D Conv, with at most
+    MAX_GRAM_INPUTS inputs (a unit of VGG-16's first classifier layer, 25,088 inputs, would
+    need a 5 GB matrix)."""
     weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
     if node.op_type in ("MatMul", "Gemm"):
         if weight is None or len(weight.shape) != 2:
             return "its weight is not a constant 2-D matrix"
         if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
             return "a Gemm with transA=1 is not handled"
-        return ""
+        transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+        return _size_reason(weight.shape[1] if transposed else weight.shape[0])
     if node.op_type == "Conv":
-        return "" if weight is not None and len(weight.shape) == 4 else "not a 2-D convolution"
+        if weight is None or len(weight.shape) != 4:
+            return "not a 2-D convolution"
+        return _size_reason(weight.shape[1] * weight.shape[2] * weight.shape[3])
     return f"{node.op_type} is not handled"
+
+
+def _size_reason(inputs: int) -> str:
+    if inputs <= MAX_GRAM_INPUTS:
+        return ""
+    return (f"{inputs} inputs: its Gram matrix would take {inputs * inputs * 8 / 2**30:.1f} GiB "
+            f"(more than {MAX_GRAM_INPUTS} inputs)")
 
 
 def gptq_reason(node: ir.Node) -> str:

@@ -584,6 +584,18 @@ def test_gptq_assignment_per_node():
         np.testing.assert_array_equal(initializer(per_node, name), initializer(whole, name))
 
 
+def test_gptq_assignment_refuses_a_gram_matrix_too_large_to_hold(monkeypatch):
+    import onnxcompress.qdq_rounding as qdq_rounding
+
+    monkeypatch.setattr(qdq_rounding, "MAX_GRAM_INPUTS", 31)  # the Gemm has 32 inputs, the convs 36
+    model = three_kinds_model()
+    p = cluster_with(model, image_feeds(4, 0), clusters=8, assign="gptq")
+    details = {r.node: r.detail for r in records(p, "rewritten")}
+    assert details["fc"].endswith("; nearest values, not GPTQ: 32 inputs: its Gram matrix would take 0.0 GiB "
+                                  "(more than 31 inputs)")
+    assert "GPTQ assignment" in details["mm"] and "not GPTQ" in details["conv"]
+
+
 def test_gptq_assignment_without_calibration_data_is_one_clear_error():
     model = model_with_random_weights()
     before = ir.to_onnx_text(model)
