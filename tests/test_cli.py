@@ -89,6 +89,7 @@ def test_bisect_and_dump_flags(tiny_path, tmp_path, capsys):
         (["--preset", "nope"], "unknown preset 'nope'"),
         (["-p", "cleanup", "--drift-budget", "speed=3", "--random-calib", "2"], "bad drift budget 'speed=3'"),
         (["-p", "cleanup", "--drift-budget", "sqnr=30"], "needs calibration data"),
+        (["-p", "cluster-weights{assign=gptq,min_elements=0}"], "cluster-weights{assign=gptq} needs calibration data"),
     ],
 )
 def test_bad_arguments_one_line_nonzero_nothing_written(tiny_path, tmp_path, capsys, args, message):
