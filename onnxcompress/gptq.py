@@ -37,15 +37,34 @@ def input_gram(inputs: Iterable[np.ndarray], k: int) -> np.ndarray:
     return gram
 
 
+def conv_positions(size, kernel, strides, pads, dilations) -> tuple[int, int]:
+    """Output height and width of a 2-D Conv on an input of spatial ``size``, ``pads`` as the
+    Conv attribute (top, left, bottom, right)."""
+    return tuple((size[d] + pads[d] + pads[2 + d] - dilations[d] * (kernel[d] - 1) - 1) // strides[d] + 1
+                 for d in range(2))
+
+
+def unit_layout(shape: tuple[int, ...], group: int = 1, transposed: bool = False):
+    """(to, back): an array of a unit's weight shape as G×K×N (G groups of K inputs by N
+    outputs, the layout GPTQ works on) and back. ``shape`` is a MatMul's K×N, a Gemm's N×K
+    when ``transposed`` (transB=1), or a 2-D Conv's N×C/G×kh×kw with ``group`` groups."""
+    if len(shape) == 4:
+        per_group = shape[0] // group
+        return (lambda a: a.reshape(group, per_group, -1).transpose(0, 2, 1),
+                lambda u: u.transpose(0, 2, 1).reshape(shape))
+    if transposed:
+        return lambda a: a.T[None], lambda u: u[0].T
+    return lambda a: a[None], lambda u: u[0]
+
+
 def conv_gram(x: np.ndarray, weight_shape: tuple[int, ...], group: int, strides, pads, dilations) -> np.ndarray:
     """Σ pᵀp over the patches p a 2-D Conv reads from ``x`` (N×C×H×W), one K×K matrix per
     group (G×K×K, K = C/G·kh·kw, ordered as the weight's C/G×kh×kw): the Gram matrix of the
     layer as a MatMul of its patches. ``pads`` as the Conv attribute (top, left, bottom, right)."""
     _, c_per_group, kh, kw = weight_shape
+    out_h, out_w = conv_positions(x.shape[2:], (kh, kw), strides, pads, dilations)
     x = np.pad(np.asarray(x, dtype=np.float32), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    batch, _, height, width = x.shape
-    out_h = (height - dilations[0] * (kh - 1) - 1) // strides[0] + 1
-    out_w = (width - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    batch = x.shape[0]
     cols = np.empty((batch, x.shape[1], kh, kw, out_h, out_w), dtype=np.float32)
     for i in range(kh):
         for j in range(kw):
@@ -203,11 +222,8 @@ def round_weight_gptq(w: np.ndarray, gram: np.ndarray, scale, axis: int | None, 
     K×N weight (``axis`` 1: one scale per column, or None) with a K×K ``gram``, or a 2-D
     Conv's N×C/G×kh×kw weight (``axis`` 0: one scale per filter, or None) with the G×K×K
     ``gram`` of :func:`conv_gram`. Same shape and layout as ``w``."""
-    if w.ndim == 2:
-        columns = np.broadcast_to(np.asarray(scale, dtype=np.float64), (w.shape[1],))
-        return round_gptq(w[None], gram[None], columns[None], zero_point, qtype, damp)[0]
-    filters = w.shape[0]
-    per_group = w.reshape(group, filters // group, -1).transpose(0, 2, 1)  # G × K × N/G
-    scales = np.broadcast_to(np.asarray(scale, dtype=np.float64), (filters,)).reshape(group, filters // group)
-    codes = round_gptq(per_group, gram, scales, zero_point, qtype, damp)
-    return codes.transpose(0, 2, 1).reshape(w.shape)
+    to_units, from_units = unit_layout(w.shape, group)
+    units = to_units(w)
+    outputs = w.shape[1] if w.ndim == 2 else w.shape[0]
+    scales = np.broadcast_to(np.asarray(scale, dtype=np.float64), (outputs,)).reshape(units.shape[0], units.shape[2])
+    return from_units(round_gptq(units, gram if gram.ndim == 3 else gram[None], scales, zero_point, qtype, damp))

@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcompress.activations import stream
-from onnxcompress.gptq import conv_gram, input_gram, round_weight_gptq
+from onnxcompress.gptq import conv_gram, conv_positions, input_gram, round_weight_gptq
 from onnxcompress.quantization import QType
 
 
@@ -122,11 +122,8 @@ def _unit_gram(node: ir.Node, x: np.ndarray) -> tuple[np.ndarray, int]:
     dilations = list(attributes.get_ints("dilations", [1, 1]))
     pads = _pads(attributes.get_string("auto_pad", "NOTSET"), list(attributes.get_ints("pads", [0, 0, 0, 0])),
                  x.shape[2:], w_shape[2:], strides, dilations)
-    positions = 1
-    for d in range(2):
-        extent = x.shape[2 + d] + pads[d] + pads[2 + d] - dilations[d] * (w_shape[2 + d] - 1) - 1
-        positions *= extent // strides[d] + 1
-    return conv_gram(x, w_shape, attributes.get_int("group", 1), strides, pads, dilations), x.shape[0] * positions
+    out_h, out_w = conv_positions(x.shape[2:], w_shape[2:], strides, pads, dilations)
+    return conv_gram(x, w_shape, attributes.get_int("group", 1), strides, pads, dilations), x.shape[0] * out_h * out_w
 
 
 def _pads(auto_pad: str, pads: list[int], size, kernel, strides, dilations) -> list[int]:

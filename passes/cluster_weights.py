@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from onnxcompress.clustering import INITS, Clustered, Init, cluster_channels, cluster_values, codebook_metadata
 from onnxcompress.errors import CalibrationError
-from onnxcompress.gptq import assign_codebook_gptq, output_error
+from onnxcompress.gptq import assign_codebook_gptq, output_error, unit_layout
 from onnxcompress.initializers import Names, drop_if_unused, new_initializer, replace_initializer, weight_refusal
 from onnxcompress.metrics import format_db
 from onnxcompress.options import PassOptions, option
@@ -306,7 +306,8 @@ def _assign_gptq(weight: SharedWeight, clustered: Clustered, grams: dict, damp: 
         return clustered, f"; nearest values, not GPTQ: {gram_reason(node) or 'no inputs were computed'}"
     gram, rows = grams[node]
     gram = gram if gram.ndim == 3 else gram[None]
-    to_units, from_units = _unit_layout(node, weight.array.shape)
+    to_units, from_units = unit_layout(weight.array.shape, node.attributes.get_int("group", 1),
+                                       node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0)))
     units = to_units(weight.array)
     groups, _, outputs = units.shape
     scales = np.ones((groups, outputs)) if clustered.scales is None else \
@@ -323,19 +324,6 @@ def _assign_gptq(weight: SharedWeight, clustered: Clustered, grams: dict, damp: 
         text += (f" (from {rows} input rows for {inputs} inputs: fewer rows than inputs, the fit may not "
                  f"carry to other data; more calibration data or a larger damp, such as 0.3, helps)")
     return assigned, text
-
-
-def _unit_layout(node: ir.Node, shape: tuple[int, ...]):
-    """(to, back): a weight-shaped array as G×K×N (G groups of K inputs by N outputs, the
-    layout GPTQ works on) and back."""
-    if node.op_type == "Conv":
-        group = node.attributes.get_int("group", 1)
-        per_group = shape[0] // group
-        return (lambda a: a.reshape(group, per_group, -1).transpose(0, 2, 1),
-                lambda u: u.transpose(0, 2, 1).reshape(shape))
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):  # N×K
-        return lambda a: a.T[None], lambda u: u[0].T
-    return lambda a: a[None], lambda u: u[0]  # K×N
 
 
 def _detail(array: np.ndarray, rebuilt: np.ndarray, clustered: Clustered, weight: SharedWeight) -> str:
