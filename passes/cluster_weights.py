@@ -303,7 +303,7 @@ def _assign_gptq(weight: SharedWeight, clustered: Clustered, grams: dict, damp: 
     if len(weight.nodes) > 1:
         return clustered, f"; nearest values, not GPTQ: the weight is read by {len(weight.nodes)} nodes"
     if node not in grams:
-        return clustered, f"; nearest values, not GPTQ: {gram_reason(node) or 'no inputs were computed'}"
+        return clustered, f"; nearest values, not GPTQ: {gram_reason(node)}"
     gram, rows = grams[node]
     gram = gram if gram.ndim == 3 else gram[None]
     to_units, from_units = unit_layout(weight.array.shape, node.attributes.get_int("group", 1),
