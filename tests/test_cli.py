@@ -194,9 +194,20 @@ def test_int8_preset_end_to_end_and_without_calibration(tiny_path, tiny_calib, t
     code, stdout, err = cli("optimize", tiny_path, "-o", out, "--preset", "int8", "--calib", tiny_calib, capsys=capsys)
     assert code == 0, err
     report = json.loads((tmp_path / "tiny.int8.report.json").read_text())
-    qdq = next(p for p in report["passes"] if p["name"] == "quantize-qdq")
+    passes = {p["name"]: p for p in report["passes"]}
+    # An MLP (no convolution): dynamic int8, not static QDQ.
+    assert passes["quantize-qdq"]["status"] == "unchanged"
+    assert any("matmul_only=leave" in n for n in passes["quantize-qdq"]["notes"])
+    assert passes["quantize-dynamic"]["status"] == "changed"
+    assert [n.op_type for n in onnx.load(out).graph.node] == ["DynamicQuantizeMatMul", "Relu", "DynamicQuantizeMatMul"]
+    static = tmp_path / "tiny.qdq.onnx"
+    code, _, err = cli("optimize", tiny_path, "-o", static, "-p", "default,quantize-qdq", "--calib", tiny_calib,
+                       capsys=capsys)
+    assert code == 0, err
+    qdq = next(p for p in json.loads((tmp_path / "tiny.qdq.report.json").read_text())["passes"]
+               if p["name"] == "quantize-qdq")
     assert qdq["status"] == "changed" and any("onnxruntime runs" in n for n in qdq["notes"])
-    assert "QuantizeLinear" in {n.op_type for n in onnx.load(out).graph.node}
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(static).graph.node}
 
 
 def test_pack_unpack_round_trip_bit_for_bit(tiny_path, tmp_path, capsys):

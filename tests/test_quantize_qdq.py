@@ -313,6 +313,38 @@ def test_no_calibration_data_is_one_clear_error():
         QuantizeQdq()(_conv_net())
 
 
+def test_matmul_only_leave_leaves_a_model_without_convolutions_alone_and_needs_no_data():
+    model, _ = _on_grid_model()
+    before = ir.to_proto(model).SerializeToString()
+    pass_ = QuantizeQdq(QuantizeQdqOptions(matmul_only="leave"))  # no calibration: not needed
+    assert not pass_(model).modified
+    assert ir.to_proto(model).SerializeToString() == before
+    assert any("matmul_only=leave" in n and "quantize-dynamic" in n for n in pass_.notes)
+    assert pass_.candidates(model) == []
+
+
+def test_matmul_only_leave_quantizes_a_model_with_a_convolution_as_static_does():
+    static, leave = _conv_net(), _conv_net()
+    feeds = _feeds(static)
+    assert _pass(feeds, weights="uint8")(static).modified
+    assert _pass(feeds, weights="uint8", matmul_only="leave")(leave).modified
+    assert ir.to_proto(leave).graph == ir.to_proto(static).graph
+
+
+def test_the_int8_preset_gives_a_model_without_convolutions_dynamic_int8():
+    import onnxcompress
+
+    model, feeds = _on_grid_model()
+    result = onnxcompress.compress(model, "int8", calibration=feeds)
+    assert [n.op_type for n in result.model.graph] == ["DynamicQuantizeMatMul", "Relu", "DynamicQuantizeMatMul"]
+    passes = {p.name: p for p in result.report.passes}
+    assert passes["quantize-qdq"].status == "unchanged"
+    conv = onnxcompress.compress(_conv_net(), "int8", calibration=_feeds(_conv_net()))
+    assert "QLinearConv" in _kernels(conv.model) and "DynamicQuantizeMatMul" not in ops(conv.model)
+    dynamic = next(p for p in conv.report.passes if p.name == "quantize-dynamic")
+    assert any("already quantized" in n for n in dynamic.notes)
+
+
 def test_an_old_opset_is_converted_first():
     model = _conv_net()
     model.opset_imports[""] = 12
