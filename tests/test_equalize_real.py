@@ -55,3 +55,23 @@ def test_mobilenet_v2_relu6_calibrated_is_exact_on_its_feeds_and_evens_out_range
     before, after = channel_range_ratios(folded), channel_range_ratios(result.model)
     assert max(after) < max(before) / 3, (max(before), max(after))
     assert np.median(after) < np.median(before) / 3, (np.median(before), np.median(after))
+
+
+def test_mobilenet_v2_residual_streams_are_balanced_exactly_and_int8_drifts_less(tmp_path):
+    """Five streams (the 24-, 32-, 64-, 96- and 160-channel stages); then int8: KL to FP32 on
+    all 270 evaluation crops measured 0.039 without equalize-residual and 0.025 with it."""
+    path = models.fetch("mobilenet_v2")
+    feeds = models.calibration_feeds("mobilenet_v2", 32, 0)
+    base = "lift-constants,fold-constants,fold-batchnorm,cleanup,infer-shapes,equalize-cross-layer{relu6=calibrated},"
+    quantize = "quantize-qdq{calibration=mse,rounding=gptq}"
+    balanced = onnxcompress.compress(path, base + "equalize-residual", calibration=feeds)
+    entry = next(p for p in balanced.report.passes if p.name == "equalize-residual")
+    rewritten = [r for r in entry.records if r.action == "rewritten"]
+    assert [int(r.detail.split(", ")[1].split()[0]) for r in rewritten] == [24, 32, 64, 96, 160]
+    assert entry.drift["sqnr_db"] > 90, entry.drift  # exact in float (measured 115 dB)
+    kl = {}
+    for name, pipeline in (("without", base + quantize), ("with", base + "equalize-residual," + quantize)):
+        out = tmp_path / f"{name}.onnx"
+        onnxcompress.compress(path, pipeline, calibration=feeds).save(out)
+        kl[name] = models.evaluate("mobilenet_v2", out)["kl"]
+    assert kl["with"] < 0.8 * kl["without"], kl
