@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.initializers import Names, new_initializer, take_over
+from onnxcompress.initializers import Names, drop_if_unused, new_initializer, take_over
 from onnxcompress.executed import exact_u8s8_grid
 from onnxcompress.quantization import (
     INT8_NARROW,
@@ -267,7 +267,10 @@ class Builder:
         unit_out = node.outputs[0]
         name = act_out.name
         act_out.replace_all_uses_with(unit_out, replace_graph_outputs=True)
+        bounds = [v for v in act.inputs[1:] if v is not None]
         self.graph.remove(act, safe=True)
+        for value in bounds:  # a Clip's own min/max constants, unless another node reads them
+            drop_if_unused(value)
         self.params = {**self.params, unit_out.name: p}
         return name
 
