@@ -16,9 +16,9 @@ PRESETS: dict[str, tuple[str, str]] = {
     "int8": (
         "lift-constants,fold-constants,fold-batchnorm,cleanup,infer-shapes,equalize-cross-layer{relu6=calibrated},"
         "equalize-residual,quantize-qdq{calibration=mse,rounding=gptq,matmul_only=leave},quantize-dynamic",
-        "int8 for onnxruntime: normalise, equalize channel ranges (weights, then residual streams), static QDQ with mse-calibrated activations "
-        "and GPTQ-rounded weights (needs --calib); a model without convolutions (a transformer) gets dynamic "
-        "int8 instead",
+        "int8 for onnxruntime: normalise, equalize channel ranges (weights, then residual streams), static "
+        "QDQ with mse-calibrated activations and GPTQ-rounded weights (needs --calib); a model without "
+        "convolutions (a transformer) gets dynamic int8 instead",
     ),
     "int8-dynamic": (
         "lift-constants,fold-constants,cleanup,quantize-dynamic",

@@ -77,9 +77,12 @@ class EqualizeResidual(CompressionPass):
 
     Refused per stream, with the reason (recorded on its first writer): a tensor that is a
     graph input or output, written by another op, or read by another op (a Relu, a pool, a
-    depthwise conv, a Conv reading it as its weight); a Conv with weights that are not a
-    constant float initializer or are read by another node; a node whose name matches
-    ``exclude``. Nodes inside If/Loop/Scan bodies are not visited. Needs calibration data.
+    depthwise conv, a Conv reading it as its weight); a Conv whose weight (a writer's bias too)
+    is not a constant float initializer or is read by another node; writers and readers of
+    different channel counts; a node whose name matches ``exclude``. Sums that no Conv writes
+    (a transformer's, after MatMuls) are not streams here and are passed over without a word.
+    Nodes inside If/Loop/Scan bodies are not visited. Needs calibration data when there is a
+    stream.
     """
 
     name = "equalize-residual"
@@ -137,15 +140,15 @@ class EqualizeResidual(CompressionPass):
                 reason = reason or f"'{value.name}' is a graph {'output' if value.is_graph_output() else 'input'}"
                 continue
             if producer.op_type == "Conv" and producer.domain == "":
-                reason = reason or _weight_reason(producer)
+                reason = reason or _weight_reason(producer, with_bias=True)
                 producers.append(producer)
             elif not _is_add(producer):
                 reason = reason or f"'{value.name}' is written by {producer.op_type} '{node_label(producer)}'"
             for user, index in value.uses():
                 if _is_add(user):
                     continue
-                if user.op_type == "Conv" and user.domain == "" and index == 0 and user.attributes.get_int("group", 1) == 1:
-                    reason = reason or _weight_reason(user)
+                if _plain_conv_input(user, index):
+                    reason = reason or _weight_reason(user, with_bias=False)
                     if user not in consumers:
                         consumers.append(user)
                 else:
@@ -214,12 +217,18 @@ def _joined_by_adds(graph: ir.Graph) -> list[list[ir.Value]]:
     return list(groups.values())
 
 
+def _plain_conv_input(node: ir.Node, index: int) -> bool:
+    """The data input of a Conv with group=1, whose input channels are the weight's axis 1."""
+    return node.op_type == "Conv" and node.domain == "" and index == 0 and node.attributes.get_int("group", 1) == 1
+
+
 def _weight(node: ir.Node) -> np.ndarray:
     return node.inputs[1].const_value.numpy()
 
 
-def _weight_reason(node: ir.Node) -> str:
-    for value in node.inputs[1:3]:
+def _weight_reason(node: ir.Node, with_bias: bool) -> str:
+    """Why the weight (and, for a writer, the bias) cannot be rescaled in place; "" if it can."""
+    for value in node.inputs[1:3] if with_bias else node.inputs[1:2]:
         if value is None:
             continue
         if value.const_value is None or not np.issubdtype(value.const_value.numpy().dtype, np.floating):
