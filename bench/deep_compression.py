@@ -51,6 +51,11 @@ CNN = [
 MOBILENET_MIXED = ('cluster-weights{{clusters=128,granularity=channel,assign={assign},@/classifier/.*{{clusters=32}},'
                    '@/features/features\\.[01]/.*{{clusters=256,granularity=tensor}},'
                    '@.*/conv\\.1\\.0/Conv{{clusters=256,granularity=tensor}}}}')
+# cross-layer equalization first (exact in float): the per-tensor codebooks of the depthwise convs lose less
+EQUALIZED = "lift-constants,fold-constants,fold-batchnorm,cleanup,equalize-cross-layer{relu6=calibrated},"
+MOBILENET_MIXED_SMALLER = ('cluster-weights{clusters=128,granularity=channel,assign=gptq,damp=0.1,'
+                           '@/classifier/.*{clusters=16},@/features/features\\.[01]/.*{clusters=256,granularity=tensor},'
+                           '@.*/conv\\.1\\.0/Conv{clusters=256,granularity=tensor},@/features/features\\.18/.*{clusters=64}}')
 PIPELINES = {
     "digits_cnn": CNN,
     "fmnist_cnn": CNN,
@@ -64,6 +69,8 @@ PIPELINES = {
         "cluster-weights{clusters=64,granularity=channel,assign=gptq}",
         MOBILENET_MIXED.format(assign="nearest"),
         MOBILENET_MIXED.format(assign="gptq"),
+        EQUALIZED + MOBILENET_MIXED.format(assign="gptq"),
+        EQUALIZED + MOBILENET_MIXED_SMALLER,
         "preset:int8",
     ],
     "minilm_l6": [
