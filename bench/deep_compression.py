@@ -55,7 +55,8 @@ MOBILENET_MIXED = ('cluster-weights{{clusters=128,granularity=channel,assign={as
 EQUALIZED = "lift-constants,fold-constants,fold-batchnorm,cleanup,equalize-cross-layer{relu6=calibrated},"
 MOBILENET_MIXED_SMALLER = ('cluster-weights{clusters=128,granularity=channel,assign=gptq,damp=0.1,'
                            '@/classifier/.*{clusters=16},@/features/features\\.[01]/.*{clusters=256,granularity=tensor},'
-                           '@.*/conv\\.1\\.0/Conv{clusters=256,granularity=tensor},@/features/features\\.18/.*{clusters=64}}')
+                           '@.*/conv\\.1\\.0/Conv{clusters=256,granularity=tensor},@/features/features\\.18/.*{clusters=16},'
+                           '@/features/features\\.1[4-7]/conv/conv\\.0/conv\\.0\\.0/Conv{clusters=96}}')
 PIPELINES = {
     "digits_cnn": CNN,
     "fmnist_cnn": CNN,

@@ -129,17 +129,19 @@ def test_mobilenet_gptq_assignment_against_nearest(tmp_path):
 
 
 def test_mobilenet_equalized_then_shared_values(tmp_path):
-    """The best plan found: equalize-cross-layer first, 64 values for the last 1×1 conv, 16 for the classifier."""
+    """The best plan found: equalize-cross-layer first; 16 values for the last 1×1 conv and the
+    classifier, 96 for the expansions of blocks 14-17, 128 for the other 1×1 convs."""
     plan = ("lift-constants,fold-constants,fold-batchnorm,cleanup,equalize-cross-layer{relu6=calibrated},"
             "cluster-weights{clusters=128,granularity=channel,assign=gptq,damp=0.1,@/classifier/.*{clusters=16},"
             "@/features/features\\.[01]/.*{clusters=256,granularity=tensor},"
-            "@.*/conv\\.1\\.0/Conv{clusters=256,granularity=tensor},@/features/features\\.18/.*{clusters=64}}")
+            "@.*/conv\\.1\\.0/Conv{clusters=256,granularity=tensor},@/features/features\\.18/.*{clusters=16},"
+            "@/features/features\\.1[4-7]/conv/conv\\.0/conv\\.0\\.0/Conv{clusters=96}}")
     feeds = models.calibration_feeds("mobilenet_v2", 32)
     path, _, ratio = compress_and_pack("mobilenet_v2", plan, tmp_path, calibration=feeds)
     metrics = models.evaluate("mobilenet_v2", path)
     print(f"mobilenet_v2 equalized plan: {ratio:.2f}x, {metrics}")
-    assert ratio >= 5.6, ratio  # measured 5.67x
-    assert metrics["top1_agreement"] >= 0.94 and metrics["kl"] < 0.012, metrics  # measured 0.954, KL 0.008
+    assert ratio >= 5.9, ratio  # measured 5.95x
+    assert metrics["top1_agreement"] >= 0.94 and metrics["kl"] < 0.016, metrics  # measured 0.952, KL 0.012
 
 
 def test_prune_then_int8_then_pack(tmp_path):
