@@ -72,6 +72,20 @@ def stream(model: ir.Model, names: Iterable[str], feeds: Iterable[dict], optimiz
         yield {name: (feed[name] if name in inputs else values[name]) for name in names}
 
 
+def channel_peaks(model: ir.Model, axes: dict[str, int], feeds: Iterable[dict],
+                  magnitude: bool = False) -> dict[str, np.ndarray]:
+    """Largest value (``magnitude``: largest ``|x|``) of each channel of the named tensors over
+    the feeds, ``axes`` giving each tensor's channel axis; float64, one feed in memory at a time."""
+    peaks: dict[str, np.ndarray] = {}
+    for values in stream(model, axes, feeds):
+        for name, axis in axes.items():
+            array = np.asarray(values[name], np.float64)
+            moved = np.moveaxis(np.abs(array) if magnitude else array, axis, 0)
+            peak = moved.reshape(moved.shape[0], -1).max(axis=1)
+            peaks[name] = np.maximum(peaks[name], peak) if name in peaks else peak
+    return peaks
+
+
 def reader(model: ir.Model, names: Iterable[str], feeds: list[dict], overridable: Iterable[str] = ()):
     """``read(name, overrides) -> [array per feed]`` for any of the named tensors, with the
     ``overridable`` initializers (named as they are in ``model`` now) fed from ``overrides``.

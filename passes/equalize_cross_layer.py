@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxcompress.activations import stream
+from onnxcompress.activations import channel_peaks
 from onnxcompress.errors import CalibrationError
 from onnxcompress.initializers import Names, drop_if_unused, take_over
 from onnxcompress.options import PassOptions, option
@@ -515,24 +515,12 @@ def _fit_bounds(model: ir.Model, pairs: list[_Pair], feeds: list[dict]) -> None:
     """relu6=calibrated: per channel, the largest value entering each Clip(0, c) on the feeds."""
     if not pairs:
         return
-    names = [pair.first.output.name for pair in pairs]
-    peaks = _channel_maxima(model, names, [pair.first.family for pair in pairs], feeds)
-    for pair, peak in zip(pairs, peaks):
+    axes = {pair.first.output.name: 1 if pair.first.family == "conv" else -1 for pair in pairs}
+    peaks = channel_peaks(model, axes, feeds)
+    for pair in pairs:
+        peak = peaks[pair.first.output.name]
         pair.pinned = peak > pair.bound
         pair.floor = np.where(pair.pinned, 1.0, peak / pair.bound)
-
-
-def _channel_maxima(model: ir.Model, names: list[str], families: list[str], feeds: list[dict]) -> list[np.ndarray]:
-    """Per-channel maxima of the named tensors over the feeds, one feed in memory at a time."""
-    peaks: list[np.ndarray | None] = [None] * len(names)
-    for values in stream(model, names, feeds):
-        for i, (name, family) in enumerate(zip(names, families)):
-            array = values[name]
-            axis = 1 if family == "conv" else array.ndim - 1
-            moved = np.moveaxis(np.asarray(array, np.float64), axis, 0)
-            peak = moved.reshape(moved.shape[0], -1).max(axis=1)
-            peaks[i] = peak if peaks[i] is None else np.maximum(peaks[i], peak)
-    return peaks
 
 
 # ---------------------------------------------------------------------------- graph surgery

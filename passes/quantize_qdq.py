@@ -132,8 +132,9 @@ class QuantizeQdq(CompressionPass):
     with this pass (mse ranges, GPTQ), 0.993 and 0.814 (FP32's) with quantize-dynamic, at
     0.54 of FP32's latency against 0.70; the convolutional models (fmnist_cnn, mobilenet_v2,
     ppocrv4_rec, the last with attention blocks after its convolutions) are better static.
-    Refused per node, with the reason: names matching ``exclude``, op types in ``exclude_ops``, a weight or bias that is not a
-    constant float, a tensor the feeds never compute. Not candidates, only counted in a note:
+    Refused per node, with the reason: names matching ``exclude``, op types in
+    ``exclude_ops``, a weight or bias that is not a constant float, a tensor the feeds never
+    compute. Not candidates, only counted in a note:
     nodes on tensors that are not float32 (shape arithmetic). Nodes inside If/Loop/Scan bodies
     are not visited. An opset below 13 is converted to 13 first (onnx's version converter).
     Without calibration data, when there is anything to quantize: an error that points to
